@@ -1,0 +1,366 @@
+//! Settings of the table strategy, set in code or read from environment variables.
+
+use std::time::Duration;
+
+use crate::backoff::BackoffPolicy;
+use crate::error::{Error, Result};
+
+/// Prefix of every environment variable the crate reads.
+pub const ENV_PREFIX: &str = "ROOT_ORCHESTRATOR_";
+
+/// Settings of the table strategy's workers.
+///
+/// Defaults: polling every 5 s, one request at a time, a heartbeat every 10 s extending a
+/// 60 s lease, finished requests pruned after 24 h, 3 retries after 2 s, 4 s, 8 s ...
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use root_orchestrator::TableConfig;
+///
+/// let mut config = TableConfig::default();
+/// config.max_concurrent_requests = 4;
+/// config.polling_interval = Duration::from_secs(1);
+/// config.validate()?;
+///
+/// // The same from the environment: every field has a variable.
+/// let config = TableConfig::from_lookup(|name| match name {
+///     "ROOT_ORCHESTRATOR_MAX_CONCURRENT_REQUESTS" => Some("4".to_owned()),
+///     _ => None,
+/// })?;
+/// assert_eq!(config.max_concurrent_requests, 4);
+///
+/// let err = TableConfig::from_lookup(|name| {
+///     (name == "ROOT_ORCHESTRATOR_POLLING_INTERVAL").then(|| "-1".to_owned())
+/// })
+/// .unwrap_err();
+/// assert!(err.to_string().contains("ROOT_ORCHESTRATOR_POLLING_INTERVAL"));
+/// # Ok::<(), root_orchestrator::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct TableConfig {
+    /// How often idle workers look for work when nothing wakes them. Default 5 s.
+    pub polling_interval: Duration,
+    /// Requests run at once by this process. Default 1.
+    pub max_concurrent_requests: usize,
+    /// How often a running request's lease is extended (the heartbeat). Default 10 s.
+    pub status_update_interval: Duration,
+    /// How long a lease lasts without a heartbeat; an expired lease is rescued.
+    /// At least twice `status_update_interval`. Default 60 s.
+    pub lease_duration: Duration,
+    /// How old a finished request gets before it is pruned. Default 24 h.
+    pub cleanup_completed_after: Duration,
+    /// How often pruning runs. Default 5 min.
+    pub prune_interval: Duration,
+    /// How long a shutdown waits for running requests before handing them back. Default 30 s.
+    pub shutdown_grace_period: Duration,
+    /// How long a cancelled request's executor may take to stop before it is dropped.
+    /// Default 10 s.
+    pub cancel_grace_period: Duration,
+    /// Retries after the first attempt, for requests that do not set their own. Default 3.
+    pub max_retries: u32,
+    /// Waits between retries. Default 2 s doubling up to 10 min.
+    pub backoff: BackoffPolicy,
+}
+
+impl Default for TableConfig {
+    fn default() -> Self {
+        TableConfig {
+            polling_interval: Duration::from_secs(5),
+            max_concurrent_requests: 1,
+            status_update_interval: Duration::from_secs(10),
+            lease_duration: Duration::from_secs(60),
+            cleanup_completed_after: Duration::from_secs(86_400),
+            prune_interval: Duration::from_secs(300),
+            shutdown_grace_period: Duration::from_secs(30),
+            cancel_grace_period: Duration::from_secs(10),
+            max_retries: 3,
+            backoff: BackoffPolicy::default(),
+        }
+    }
+}
+
+/// A duration setting's accepted range, in seconds.
+struct SecondsRange {
+    min: f64,
+    max: f64,
+}
+
+impl SecondsRange {
+    const fn new(min: f64, max: f64) -> Self {
+        SecondsRange { min, max }
+    }
+
+    fn describe(&self) -> String {
+        format!("a number of seconds from {} to {}", self.min, self.max)
+    }
+
+    fn check(&self, name: &str, value: Duration) -> Result<()> {
+        let secs = value.as_secs_f64();
+        if secs < self.min || secs > self.max {
+            return Err(Error::InvalidConfig {
+                name: name.to_owned(),
+                value: format!("{secs}"),
+                expected: self.describe(),
+            });
+        }
+        Ok(())
+    }
+
+    fn parse(&self, variable: &str, raw: &str) -> Result<Duration> {
+        let refuse = || Error::InvalidConfig {
+            name: variable.to_owned(),
+            value: raw.to_owned(),
+            expected: self.describe(),
+        };
+        let secs: f64 = raw.trim().parse().map_err(|_| refuse())?;
+        if !secs.is_finite() || secs < self.min || secs > self.max {
+            return Err(refuse());
+        }
+        Ok(Duration::from_secs_f64(secs))
+    }
+}
+
+const POLLING_INTERVAL: SecondsRange = SecondsRange::new(0.01, 3600.0);
+const STATUS_UPDATE_INTERVAL: SecondsRange = SecondsRange::new(0.01, 3600.0);
+const LEASE_DURATION: SecondsRange = SecondsRange::new(0.05, 86_400.0);
+const CLEANUP_COMPLETED_AFTER: SecondsRange = SecondsRange::new(1.0, 31_536_000.0);
+const PRUNE_INTERVAL: SecondsRange = SecondsRange::new(0.01, 86_400.0);
+const GRACE_PERIOD: SecondsRange = SecondsRange::new(0.0, 3600.0);
+const RETRY_DELAY: SecondsRange = SecondsRange::new(0.0, 86_400.0);
+const MAX_CONCURRENT_REQUESTS: (u64, u64) = (1, 1024);
+const MAX_RETRIES: (u64, u64) = (0, 99);
+
+fn check_count(name: &str, value: u64, (min, max): (u64, u64)) -> Result<()> {
+    if value < min || value > max {
+        return Err(Error::InvalidConfig {
+            name: name.to_owned(),
+            value: value.to_string(),
+            expected: format!("a whole number from {min} to {max}"),
+        });
+    }
+    Ok(())
+}
+
+fn parse_count(variable: &str, raw: &str, (min, max): (u64, u64)) -> Result<u64> {
+    let value: u64 = raw.trim().parse().map_err(|_| Error::InvalidConfig {
+        name: variable.to_owned(),
+        value: raw.to_owned(),
+        expected: format!("a whole number from {min} to {max}"),
+    })?;
+    check_count(variable, value, (min, max)).map(|()| value)
+}
+
+impl TableConfig {
+    /// Checks every value against its accepted range.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] naming the field, the refused value and the accepted range.
+    pub fn validate(&self) -> Result<()> {
+        POLLING_INTERVAL.check("polling_interval", self.polling_interval)?;
+        check_count(
+            "max_concurrent_requests",
+            self.max_concurrent_requests as u64,
+            MAX_CONCURRENT_REQUESTS,
+        )?;
+        STATUS_UPDATE_INTERVAL.check("status_update_interval", self.status_update_interval)?;
+        LEASE_DURATION.check("lease_duration", self.lease_duration)?;
+        if self.lease_duration < self.status_update_interval * 2 {
+            return Err(Error::InvalidConfig {
+                name: "lease_duration".to_owned(),
+                value: format!("{}", self.lease_duration.as_secs_f64()),
+                expected: format!(
+                    "at least twice status_update_interval ({} s), so one missed heartbeat \
+                     does not lose the lease",
+                    self.status_update_interval.as_secs_f64() * 2.0
+                ),
+            });
+        }
+        CLEANUP_COMPLETED_AFTER.check("cleanup_completed_after", self.cleanup_completed_after)?;
+        PRUNE_INTERVAL.check("prune_interval", self.prune_interval)?;
+        GRACE_PERIOD.check("shutdown_grace_period", self.shutdown_grace_period)?;
+        GRACE_PERIOD.check("cancel_grace_period", self.cancel_grace_period)?;
+        check_count("max_retries", u64::from(self.max_retries), MAX_RETRIES)?;
+        RETRY_DELAY.check("backoff.base", self.backoff.base)?;
+        RETRY_DELAY.check("backoff.max", self.backoff.max)?;
+        if !(0.0..=1.0).contains(&self.backoff.jitter) {
+            return Err(Error::InvalidConfig {
+                name: "backoff.jitter".to_owned(),
+                value: self.backoff.jitter.to_string(),
+                expected: "a fraction from 0.0 to 1.0".to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads the settings from `ROOT_ORCHESTRATOR_*` environment variables, using the
+    /// default for each one that is not set.
+    ///
+    /// | variable | field | unit, range |
+    /// |---|---|---|
+    /// | `ROOT_ORCHESTRATOR_POLLING_INTERVAL` | `polling_interval` | seconds, 0.01 to 3600 |
+    /// | `ROOT_ORCHESTRATOR_MAX_CONCURRENT_REQUESTS` | `max_concurrent_requests` | 1 to 1024 |
+    /// | `ROOT_ORCHESTRATOR_STATUS_UPDATE_INTERVAL` | `status_update_interval` | seconds, 0.01 to 3600 |
+    /// | `ROOT_ORCHESTRATOR_LEASE_DURATION` | `lease_duration` | seconds, 0.05 to 86400 |
+    /// | `ROOT_ORCHESTRATOR_CLEANUP_COMPLETED_AFTER` | `cleanup_completed_after` | seconds, 1 to 31536000 |
+    /// | `ROOT_ORCHESTRATOR_PRUNE_INTERVAL` | `prune_interval` | seconds, 0.01 to 86400 |
+    /// | `ROOT_ORCHESTRATOR_SHUTDOWN_GRACE_PERIOD` | `shutdown_grace_period` | seconds, 0 to 3600 |
+    /// | `ROOT_ORCHESTRATOR_CANCEL_GRACE_PERIOD` | `cancel_grace_period` | seconds, 0 to 3600 |
+    /// | `ROOT_ORCHESTRATOR_MAX_RETRIES` | `max_retries` | 0 to 99 |
+    /// | `ROOT_ORCHESTRATOR_RETRY_DELAY_BASE` | `backoff.base` | seconds, 0 to 86400 |
+    /// | `ROOT_ORCHESTRATOR_RETRY_DELAY_MAX` | `backoff.max` | seconds, 0 to 86400 |
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] naming the variable, its value and the accepted range.
+    pub fn from_env() -> Result<Self> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Like [`from_env`](Self::from_env), reading variables through `lookup`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] naming the variable, its value and the accepted range.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let mut config = TableConfig::default();
+        let var = |suffix: &str| {
+            let name = format!("{ENV_PREFIX}{suffix}");
+            lookup(&name).map(|value| (name, value))
+        };
+
+        if let Some((name, raw)) = var("POLLING_INTERVAL") {
+            config.polling_interval = POLLING_INTERVAL.parse(&name, &raw)?;
+        }
+        if let Some((name, raw)) = var("MAX_CONCURRENT_REQUESTS") {
+            config.max_concurrent_requests =
+                parse_count(&name, &raw, MAX_CONCURRENT_REQUESTS)? as usize;
+        }
+        if let Some((name, raw)) = var("STATUS_UPDATE_INTERVAL") {
+            config.status_update_interval = STATUS_UPDATE_INTERVAL.parse(&name, &raw)?;
+        }
+        if let Some((name, raw)) = var("LEASE_DURATION") {
+            config.lease_duration = LEASE_DURATION.parse(&name, &raw)?;
+        }
+        if let Some((name, raw)) = var("CLEANUP_COMPLETED_AFTER") {
+            config.cleanup_completed_after = CLEANUP_COMPLETED_AFTER.parse(&name, &raw)?;
+        }
+        if let Some((name, raw)) = var("PRUNE_INTERVAL") {
+            config.prune_interval = PRUNE_INTERVAL.parse(&name, &raw)?;
+        }
+        if let Some((name, raw)) = var("SHUTDOWN_GRACE_PERIOD") {
+            config.shutdown_grace_period = GRACE_PERIOD.parse(&name, &raw)?;
+        }
+        if let Some((name, raw)) = var("CANCEL_GRACE_PERIOD") {
+            config.cancel_grace_period = GRACE_PERIOD.parse(&name, &raw)?;
+        }
+        if let Some((name, raw)) = var("MAX_RETRIES") {
+            config.max_retries = parse_count(&name, &raw, MAX_RETRIES)? as u32;
+        }
+        if let Some((name, raw)) = var("RETRY_DELAY_BASE") {
+            config.backoff.base = RETRY_DELAY.parse(&name, &raw)?;
+        }
+        if let Some((name, raw)) = var("RETRY_DELAY_MAX") {
+            config.backoff.max = RETRY_DELAY.parse(&name, &raw)?;
+        }
+
+        // Cross-field rules (the lease outlasting two heartbeats) are checked last, so
+        // that a single bad variable is always reported by its own name first.
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Attempts a request gets when it does not say: one plus `max_retries`.
+    pub fn default_max_attempts(&self) -> u32 {
+        self.max_retries + 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lookup(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |name| {
+            pairs
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).to_owned())
+        }
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let config = TableConfig::default();
+        assert_eq!(config.polling_interval, Duration::from_secs(5));
+        assert_eq!(config.max_concurrent_requests, 1);
+        assert_eq!(config.status_update_interval, Duration::from_secs(10));
+        assert_eq!(config.cleanup_completed_after, Duration::from_secs(86_400));
+        assert_eq!(config.default_max_attempts(), 4);
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn environment_overrides_defaults() {
+        let config = TableConfig::from_lookup(lookup(&[
+            ("ROOT_ORCHESTRATOR_POLLING_INTERVAL", "0.5"),
+            ("ROOT_ORCHESTRATOR_MAX_RETRIES", "0"),
+            ("ROOT_ORCHESTRATOR_RETRY_DELAY_BASE", "1"),
+        ]))
+        .unwrap();
+        assert_eq!(config.polling_interval, Duration::from_millis(500));
+        assert_eq!(config.max_retries, 0);
+        assert_eq!(config.backoff.base, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn bad_variables_are_named_with_their_range() {
+        let cases: &[(&'static str, &'static str, &str)] = &[
+            (
+                "ROOT_ORCHESTRATOR_MAX_CONCURRENT_REQUESTS",
+                "0",
+                "from 1 to 1024",
+            ),
+            (
+                "ROOT_ORCHESTRATOR_MAX_CONCURRENT_REQUESTS",
+                "many",
+                "from 1 to 1024",
+            ),
+            (
+                "ROOT_ORCHESTRATOR_POLLING_INTERVAL",
+                "NaN",
+                "from 0.01 to 3600",
+            ),
+            ("ROOT_ORCHESTRATOR_MAX_RETRIES", "100", "from 0 to 99"),
+        ];
+        for &(variable, value, range) in cases {
+            let pairs: &'static [(&'static str, &'static str)] =
+                Box::leak(vec![(variable, value)].into_boxed_slice());
+            match TableConfig::from_lookup(lookup(pairs)) {
+                Err(Error::InvalidConfig {
+                    name,
+                    value: refused,
+                    expected,
+                }) => {
+                    assert_eq!(name, variable);
+                    assert_eq!(refused, value);
+                    assert!(expected.contains(range), "{expected}");
+                }
+                other => panic!("{variable}={value}: expected InvalidConfig, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_lease_shorter_than_two_heartbeats_is_refused() {
+        let config = TableConfig {
+            lease_duration: Duration::from_secs(15),
+            ..TableConfig::default()
+        };
+        let err = config.validate().unwrap_err();
+        assert!(matches!(err, Error::InvalidConfig { ref name, .. } if name == "lease_duration"));
+    }
+}

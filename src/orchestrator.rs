@@ -1,0 +1,411 @@
+//! [`RootOrchestrator`]: the facade a host holds.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Result};
+use crate::executor::{ExecutorRegistry, WorkflowExecutor};
+use crate::model::{NewRequest, Request, RequestId, RequestMessage, RequestResults, RequestType};
+use crate::status::RequestStatus;
+use crate::store::{CancelOutcome, InsertOutcome, ListFilter, RequestPage, RequestStore};
+use crate::strategy::ProcessingStrategy;
+
+/// Accepts, runs and tracks requests through one [`ProcessingStrategy`].
+///
+/// Cheap to clone: clones share the strategy and executors, so one clone can
+/// [`run`](Self::run_until) the workers while others submit and answer queries.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use async_trait::async_trait;
+/// use root_orchestrator::{
+///     Configuration, MemoryStore, NewRequest, Request, RequestResults, RequestStatus,
+///     RequestType, RootOrchestrator, Source, TableConfig, TableStrategy, WorkflowContext,
+///     WorkflowError, WorkflowExecutor,
+/// };
+///
+/// struct Echo;
+///
+/// #[async_trait]
+/// impl WorkflowExecutor for Echo {
+///     async fn execute(&self, r: &Request, _: &WorkflowContext)
+///         -> Result<RequestResults, WorkflowError> {
+///         Ok(RequestResults::new(None, serde_json::json!({ "keywords": r.configuration.keywords })))
+///     }
+/// }
+///
+/// # tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async {
+/// let strategy = TableStrategy::new(MemoryStore::new(), TableConfig::default())?;
+/// let orchestrator = RootOrchestrator::builder()
+///     .strategy(strategy)
+///     .executor(RequestType::SEMAGLUTIDE_INTELLIGENCE, Echo)
+///     .build()?;
+///
+/// let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+/// let workers = tokio::spawn(orchestrator.clone().run_until(async { stopped.await.ok(); }));
+///
+/// let mut configuration = Configuration::new(["semaglutide"]);
+/// configuration.sources.push(Source::new("FDA", "regulatory"));
+/// let request_type = RequestType::new(RequestType::SEMAGLUTIDE_INTELLIGENCE)?;
+/// let id = orchestrator
+///     .submit(NewRequest::new("obesity", "analyst-7", request_type, configuration))
+///     .await?
+///     .id;
+///
+/// while !orchestrator.status(&id).await?.status.is_terminal() {
+///     tokio::time::sleep(Duration::from_millis(10)).await;
+/// }
+/// assert_eq!(orchestrator.status(&id).await?.status, RequestStatus::Completed);
+/// assert_eq!(orchestrator.results(&id).await?.summary["keywords"][0], "semaglutide");
+///
+/// stop.send(()).ok();
+/// workers.await??;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// # })?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone)]
+pub struct RootOrchestrator {
+    strategy: Arc<dyn ProcessingStrategy>,
+    executors: Arc<ExecutorRegistry>,
+}
+
+impl std::fmt::Debug for RootOrchestrator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RootOrchestrator")
+            .field("strategy", &self.strategy.name())
+            .field("executors", &self.executors)
+            .finish()
+    }
+}
+
+impl RootOrchestrator {
+    /// Starts building an orchestrator.
+    pub fn builder() -> RootOrchestratorBuilder {
+        RootOrchestratorBuilder::default()
+    }
+
+    /// The strategy's store, for queries the facade does not offer.
+    pub fn store(&self) -> Arc<dyn RequestStore> {
+        self.strategy.store()
+    }
+
+    /// The strategy's name, such as `"table"`.
+    pub fn strategy_name(&self) -> &'static str {
+        self.strategy.name()
+    }
+
+    /// Validates and stores a request; workers will pick it up.
+    ///
+    /// A request whose caller-given id was submitted before is not stored again: the
+    /// first request is returned as it is now.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidRequest`] naming the bad field, [`Error::UnknownRequestType`] when no
+    /// executor is registered for its type (nothing is stored in either case), or a store
+    /// error.
+    pub async fn submit(&self, request: NewRequest) -> Result<Request> {
+        self.submit_detailed(request)
+            .await
+            .map(InsertOutcome::into_request)
+    }
+
+    /// Like [`submit`](Self::submit), telling a new request from an existing one.
+    ///
+    /// # Errors
+    ///
+    /// As [`submit`](Self::submit).
+    pub async fn submit_detailed(&self, request: NewRequest) -> Result<InsertOutcome> {
+        request.validate()?;
+        if !self.executors.contains(&request.request_type) {
+            return Err(Error::UnknownRequestType {
+                request_type: request.request_type,
+            });
+        }
+        let outcome = self.strategy.submit(request).await?;
+        match &outcome {
+            InsertOutcome::Inserted(r) => {
+                tracing::info!(request_id = %r.id, request_type = %r.request_type, priority = %r.priority, "request submitted")
+            }
+            InsertOutcome::Existing(r) => {
+                tracing::info!(request_id = %r.id, status = %r.status, "request already submitted; returning it")
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Parses a request in the wire shape ([`RequestMessage`]) and submits it.
+    ///
+    /// # Errors
+    ///
+    /// As [`submit`](Self::submit); a body that does not parse names the JSON path.
+    pub async fn submit_json(&self, body: &str) -> Result<Request> {
+        let request = RequestMessage::from_json(body)?.into_new_request()?;
+        self.submit(request).await
+    }
+
+    /// The request with this id, with its status, progress, errors and history.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotFound`] when there is no such request, or a store error.
+    pub async fn status(&self, id: &RequestId) -> Result<Request> {
+        self.strategy
+            .status(id)
+            .await?
+            .ok_or_else(|| Error::NotFound {
+                request_id: id.clone(),
+            })
+    }
+
+    /// The results of a completed request.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ResultsUnavailable`] with the current status until the request is
+    /// `COMPLETED` (its errors are in [`status`](Self::status)), [`Error::NotFound`], or a
+    /// store error.
+    pub async fn results(&self, id: &RequestId) -> Result<RequestResults> {
+        let request = self.status(id).await?;
+        match (request.status, request.results) {
+            (RequestStatus::Completed, Some(results)) => Ok(results),
+            (status, _) => Err(Error::ResultsUnavailable {
+                request_id: id.clone(),
+                status,
+            }),
+        }
+    }
+
+    /// Requests matching `filter`, newest first, a page at a time.
+    ///
+    /// # Errors
+    ///
+    /// A store error.
+    pub async fn list(&self, filter: &ListFilter) -> Result<RequestPage> {
+        self.strategy.store().list(filter).await
+    }
+
+    /// Cancels a pending or running request.
+    ///
+    /// # Errors
+    ///
+    /// A store error. An unknown id or a finished request is reported in the outcome.
+    pub async fn cancel(&self, id: &RequestId) -> Result<CancelOutcome> {
+        self.strategy.cancel(id).await
+    }
+
+    /// Runs the workers until `shutdown` completes, then shuts down gracefully.
+    ///
+    /// # Errors
+    ///
+    /// A fault that stops the strategy as a whole; per-request failures are recorded on
+    /// the requests instead.
+    pub async fn run_until<F>(self, shutdown: F) -> Result<()>
+    where
+        F: Future<Output = ()> + Send,
+    {
+        let token = CancellationToken::new();
+        let run = self.strategy.run(self.executors.clone(), token.clone());
+        tokio::pin!(run);
+        tokio::select! {
+            result = &mut run => result,
+            () = shutdown => {
+                token.cancel();
+                run.await
+            }
+        }
+    }
+
+    /// Runs the workers until `token` is cancelled, then shuts down gracefully.
+    ///
+    /// # Errors
+    ///
+    /// As [`run_until`](Self::run_until).
+    pub async fn run_with_token(&self, token: CancellationToken) -> Result<()> {
+        self.strategy.run(self.executors.clone(), token).await
+    }
+
+    /// Whether the store answers.
+    ///
+    /// # Errors
+    ///
+    /// The store's error when it cannot be reached.
+    pub async fn ready(&self) -> Result<()> {
+        self.strategy.store().ping().await
+    }
+}
+
+/// Builds a [`RootOrchestrator`]: a strategy plus an executor per request type.
+#[derive(Default)]
+#[must_use]
+pub struct RootOrchestratorBuilder {
+    strategy: Option<Arc<dyn ProcessingStrategy>>,
+    executors: ExecutorRegistry,
+    error: Option<Error>,
+}
+
+impl RootOrchestratorBuilder {
+    /// The strategy that stores and runs requests.
+    pub fn strategy(mut self, strategy: impl ProcessingStrategy) -> Self {
+        self.strategy = Some(Arc::new(strategy));
+        self
+    }
+
+    /// Like [`strategy`](Self::strategy), for a strategy shared with other parts of the host.
+    pub fn shared_strategy(mut self, strategy: Arc<dyn ProcessingStrategy>) -> Self {
+        self.strategy = Some(strategy);
+        self
+    }
+
+    /// Registers `executor` for requests of type `request_type`.
+    pub fn executor(
+        self,
+        request_type: impl Into<String>,
+        executor: impl WorkflowExecutor,
+    ) -> Self {
+        self.shared_executor(request_type, Arc::new(executor))
+    }
+
+    /// Like [`executor`](Self::executor), for an executor shared with other parts of the host.
+    pub fn shared_executor(
+        mut self,
+        request_type: impl Into<String>,
+        executor: Arc<dyn WorkflowExecutor>,
+    ) -> Self {
+        match RequestType::new(request_type) {
+            Ok(request_type) => self.executors.register(request_type, executor),
+            Err(err) => {
+                self.error.get_or_insert(err);
+            }
+        }
+        self
+    }
+
+    /// Finishes the orchestrator.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Incomplete`] without a strategy or without any executor,
+    /// [`Error::InvalidRequest`] when an executor's request type is not a valid name.
+    pub fn build(self) -> Result<RootOrchestrator> {
+        if let Some(err) = self.error {
+            return Err(err);
+        }
+        let strategy = self
+            .strategy
+            .ok_or(Error::Incomplete { what: "a strategy" })?;
+        if self.executors.is_empty() {
+            return Err(Error::Incomplete {
+                what: "an executor for at least one request type",
+            });
+        }
+        Ok(RootOrchestrator {
+            strategy,
+            executors: Arc::new(self.executors),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::executor::MockWorkflowExecutor;
+    use crate::model::{Configuration, Source};
+    use crate::strategy::MockProcessingStrategy;
+
+    fn orchestrator(strategy: MockProcessingStrategy) -> RootOrchestrator {
+        RootOrchestrator::builder()
+            .strategy(strategy)
+            .executor("known", MockWorkflowExecutor::new())
+            .build()
+            .unwrap()
+    }
+
+    fn request(request_type: &str) -> NewRequest {
+        let mut configuration = Configuration::new(["semaglutide"]);
+        configuration.sources.push(Source::new("FDA", "regulatory"));
+        NewRequest::new(
+            "project",
+            "user",
+            RequestType::new(request_type).unwrap(),
+            configuration,
+        )
+    }
+
+    #[tokio::test]
+    async fn refused_input_never_reaches_the_strategy() {
+        let mut strategy = MockProcessingStrategy::new();
+        strategy.expect_submit().never();
+        let orchestrator = orchestrator(strategy);
+
+        let mut invalid = request("known");
+        invalid.configuration.keywords.clear();
+        let err = orchestrator.submit(invalid).await.unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidRequest { ref field, .. } if field == "configuration.keywords")
+        );
+
+        let err = orchestrator.submit(request("unknown")).await.unwrap_err();
+        assert!(matches!(err, Error::UnknownRequestType { .. }));
+    }
+
+    #[tokio::test]
+    async fn results_are_refused_until_the_request_completes() {
+        let mut strategy = MockProcessingStrategy::new();
+        strategy.expect_status().returning(|id| {
+            Ok(Some(Request {
+                id: id.clone(),
+                project_id: "p".into(),
+                user_id: "u".into(),
+                request_type: RequestType::new("known").unwrap(),
+                priority: crate::model::Priority::Medium,
+                configuration: Configuration::new(["x"]),
+                status: RequestStatus::Executing,
+                progress: Default::default(),
+                results: None,
+                errors: Vec::new(),
+                history: Vec::new(),
+                attempts: 1,
+                max_attempts: 4,
+                created_at: chrono::Utc::now(),
+                started_at: None,
+                completed_at: None,
+                run_after: chrono::Utc::now(),
+                lease: None,
+            }))
+        });
+        let orchestrator = orchestrator(strategy);
+
+        let id = RequestId::generate();
+        match orchestrator.results(&id).await {
+            Err(Error::ResultsUnavailable { status, .. }) => {
+                assert_eq!(status, RequestStatus::Executing)
+            }
+            other => panic!("expected ResultsUnavailable, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_builder_without_executors_or_strategy_names_what_is_missing() {
+        let err = RootOrchestrator::builder().build().unwrap_err();
+        assert!(err.to_string().contains("strategy"), "{err}");
+
+        let err = RootOrchestrator::builder()
+            .strategy(MockProcessingStrategy::new())
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("executor"), "{err}");
+
+        let err = RootOrchestrator::builder()
+            .strategy(MockProcessingStrategy::new())
+            .executor("bad type/with slash", MockWorkflowExecutor::new())
+            .build()
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidRequest { ref field, .. } if field == "request_type"));
+    }
+}

@@ -1,0 +1,703 @@
+//! A [`RequestStore`] in an SQLite file: the embedded default.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, TimeZone, Utc};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Row, migrate::Migrator};
+
+use super::{
+    CancelOutcome, InsertOutcome, LeaseRef, ListFilter, RequestPage, RequestStore, RescuedRequest,
+    WriteOutcome, after, expired_lease_message, now,
+};
+use crate::error::{Error, Result};
+use crate::model::{
+    AttemptError, Lease, NewRequest, Priority, Progress, Request, RequestId, RequestResults,
+    RequestType, StatusChange,
+};
+use crate::status::RequestStatus;
+
+static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
+
+/// Columns every query that returns requests selects, in this order; a macro so that
+/// `concat!` can build each query as one literal.
+macro_rules! columns {
+    () => {
+        "seq, id, project_id, user_id, request_type, priority, configuration, \
+    status, progress_stage, progress_percentage, urls_found, content_extracted, \
+    estimated_completion, results, errors, history, attempts, max_attempts, created_at, \
+    started_at, completed_at, run_after, lease_owner, lease_token, lease_expires_at"
+    };
+}
+
+/// Requests in an SQLite database in WAL mode, shared safely by the tasks of one process
+/// and by several processes on one machine.
+///
+/// Opening a database creates it when missing and applies the crate's migrations.
+///
+/// # Examples
+///
+/// ```
+/// use root_orchestrator::{RequestStore, SqliteStore};
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+/// let dir = tempfile::tempdir()?;
+/// let store = SqliteStore::open(dir.path().join("requests.db")).await?;
+/// store.ping().await?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// # })?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Connections opened at most by [`open`](Self::open).
+    pub const DEFAULT_MAX_CONNECTIONS: u32 = 4;
+
+    /// Opens (creating if needed) the database file at `path` and migrates it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Store`] when the file cannot be opened, [`Error::Migration`] when its schema
+    /// cannot be brought up to date.
+    pub async fn open(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(path, Self::DEFAULT_MAX_CONNECTIONS).await
+    }
+
+    /// Like [`open`](Self::open) with at most `max_connections` pooled connections.
+    ///
+    /// # Errors
+    ///
+    /// As [`open`](Self::open).
+    pub async fn open_with(path: impl AsRef<Path>, max_connections: u32) -> Result<Self> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // WAL with NORMAL keeps every commit atomic and durable against a process
+            // crash; only a power loss may undo the last transactions.
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .connect_with(options)
+            .await
+            .map_err(|e| Error::store("open", e))?;
+        Self::from_pool(pool).await
+    }
+
+    /// Uses an existing pool, migrating its database first.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Migration`] when the schema cannot be brought up to date.
+    pub async fn from_pool(pool: SqlitePool) -> Result<Self> {
+        let store = SqliteStore { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Applies the migrations the database lacks. Safe to call again.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Migration`] when a migration fails.
+    pub async fn migrate(&self) -> Result<()> {
+        MIGRATOR
+            .run(&self.pool)
+            .await
+            .map_err(|e| Error::Migration {
+                source: Box::new(e),
+            })
+    }
+
+    /// The underlying connection pool.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// Closes every connection; later calls fail.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Turns the number of rows a fenced write touched into its outcome.
+    async fn outcome(
+        &self,
+        operation: &'static str,
+        rows: u64,
+        id: &RequestId,
+    ) -> Result<WriteOutcome> {
+        if rows > 0 {
+            return Ok(WriteOutcome::Applied);
+        }
+        let current: Option<String> =
+            sqlx::query_scalar("SELECT status FROM requests WHERE id = ?")
+                .bind(id.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| Error::store(operation, e))?;
+        let current = current.map(|s| s.parse()).transpose()?;
+        Ok(WriteOutcome::Rejected { current })
+    }
+}
+
+fn micros(at: DateTime<Utc>) -> i64 {
+    at.timestamp_micros()
+}
+
+fn from_micros(id: &str, field: &'static str, value: i64) -> Result<DateTime<Utc>> {
+    Utc.timestamp_micros(value)
+        .single()
+        .ok_or_else(|| Error::CorruptRecord {
+            request_id: id.to_owned(),
+            field,
+            problem: format!("{value} is not a timestamp"),
+        })
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> String {
+    // The model's types serialize infallibly: string keys, no non-finite floats reach here
+    // (validation refuses them), so this cannot fail.
+    serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())
+}
+
+fn history_entry(status: RequestStatus, worker: Option<&str>, reason: &str) -> String {
+    to_json(&StatusChange {
+        status,
+        at: now(),
+        worker: worker.map(str::to_owned),
+        reason: reason.to_owned(),
+    })
+}
+
+fn request_from_row(row: &SqliteRow) -> Result<Request> {
+    let id: String = column(row, "", "id")?;
+    let get_i64 = |field: &'static str| column::<i64>(row, &id, field);
+    let get_opt_i64 = |field: &'static str| column::<Option<i64>>(row, &id, field);
+    let json = |field: &'static str| -> Result<String> { column(row, &id, field) };
+    let corrupt = |field: &'static str, e: serde_json::Error| Error::CorruptRecord {
+        request_id: id.clone(),
+        field,
+        problem: e.to_string(),
+    };
+    let time = |field: &'static str| from_micros(&id, field, get_i64(field)?);
+    let opt_time = |field: &'static str| {
+        get_opt_i64(field)?
+            .map(|v| from_micros(&id, field, v))
+            .transpose()
+    };
+
+    let priority_rank = get_i64("priority")?;
+    let priority = Priority::from_rank(priority_rank).ok_or_else(|| Error::CorruptRecord {
+        request_id: id.clone(),
+        field: "priority",
+        problem: format!("{priority_rank} is not a priority rank"),
+    })?;
+    let status: String = column(row, &id, "status")?;
+    let results: Option<String> = column(row, &id, "results")?;
+    let lease_token: Option<String> = column(row, &id, "lease_token")?;
+    let lease = match lease_token {
+        Some(token) => Some(Lease {
+            owner: column::<Option<String>>(row, &id, "lease_owner")?.unwrap_or_default(),
+            token,
+            expires_at: opt_time("lease_expires_at")?.unwrap_or(DateTime::<Utc>::MIN_UTC),
+        }),
+        None => None,
+    };
+
+    Ok(Request {
+        id: RequestId::from_stored(id.clone()),
+        project_id: column(row, &id, "project_id")?,
+        user_id: column(row, &id, "user_id")?,
+        request_type: RequestType::from_stored(column(row, &id, "request_type")?),
+        priority,
+        configuration: serde_json::from_str(&json("configuration")?)
+            .map_err(|e| corrupt("configuration", e))?,
+        status: RequestStatus::from_str(&status)?,
+        progress: Progress {
+            current_stage: column(row, &id, "progress_stage")?,
+            percentage: get_i64("progress_percentage")?.clamp(0, 100) as u8,
+            urls_found: get_i64("urls_found")?.max(0) as u64,
+            content_extracted: get_i64("content_extracted")?.max(0) as u64,
+            estimated_completion: opt_time("estimated_completion")?,
+        },
+        results: results
+            .map(|r| serde_json::from_str(&r))
+            .transpose()
+            .map_err(|e| corrupt("results", e))?,
+        errors: serde_json::from_str(&json("errors")?).map_err(|e| corrupt("errors", e))?,
+        history: serde_json::from_str(&json("history")?).map_err(|e| corrupt("history", e))?,
+        attempts: get_i64("attempts")?.max(0) as u32,
+        max_attempts: get_i64("max_attempts")?.max(1) as u32,
+        created_at: time("created_at")?,
+        started_at: opt_time("started_at")?,
+        completed_at: opt_time("completed_at")?,
+        run_after: time("run_after")?,
+        lease,
+    })
+}
+
+fn column<'r, T>(row: &'r SqliteRow, id: &str, field: &'static str) -> Result<T>
+where
+    T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
+{
+    row.try_get(field).map_err(|e| Error::CorruptRecord {
+        request_id: id.to_owned(),
+        field,
+        problem: e.to_string(),
+    })
+}
+
+#[async_trait]
+impl RequestStore for SqliteStore {
+    async fn insert(&self, new: NewRequest, max_attempts: u32) -> Result<InsertOutcome> {
+        let id = new.request_id.clone().unwrap_or_else(RequestId::generate);
+        let created_at = now();
+        let history = format!(
+            "[{}]",
+            history_entry(RequestStatus::Pending, None, "submitted")
+        );
+
+        // ON CONFLICT DO NOTHING makes a repeated caller-given id a no-op, atomically,
+        // even when two submits of the same id race.
+        let inserted = sqlx::query(concat!(
+            "INSERT INTO requests (id, project_id, user_id, request_type, priority, \
+             configuration, status, history, max_attempts, created_at, run_after) \
+             VALUES (?, ?, ?, ?, ?, ?, 'PENDING', ?, ?, ?, ?) \
+             ON CONFLICT (id) DO NOTHING RETURNING ",
+            columns!(),
+            ""
+        ))
+        .bind(id.as_str())
+        .bind(&new.project_id)
+        .bind(&new.user_id)
+        .bind(new.request_type.as_str())
+        .bind(new.priority.rank())
+        .bind(to_json(&new.configuration))
+        .bind(history)
+        .bind(i64::from(new.max_attempts.unwrap_or(max_attempts)))
+        .bind(micros(created_at))
+        .bind(micros(new.run_after.unwrap_or(created_at)))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| Error::store("insert", e))?;
+
+        if let Some(row) = inserted {
+            return Ok(InsertOutcome::Inserted(request_from_row(&row)?));
+        }
+        match self.get(&id).await? {
+            Some(existing) => Ok(InsertOutcome::Existing(existing)),
+            // The conflicting row was pruned between the two statements: store it anew.
+            None => Box::pin(self.insert(new, max_attempts)).await,
+        }
+    }
+
+    async fn get(&self, id: &RequestId) -> Result<Option<Request>> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM requests WHERE id = ?"
+        ))
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| Error::store("get", e))?;
+        row.as_ref().map(request_from_row).transpose()
+    }
+
+    async fn list(&self, filter: &ListFilter) -> Result<RequestPage> {
+        let mut query = sqlx::QueryBuilder::<sqlx::Sqlite>::new(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM requests WHERE 1 = 1"
+        ));
+        if let Some(status) = filter.status {
+            query.push(" AND status = ").push_bind(status.as_str());
+        }
+        if let Some(project_id) = &filter.project_id {
+            query
+                .push(" AND project_id = ")
+                .push_bind(project_id.clone());
+        }
+        if let Some(user_id) = &filter.user_id {
+            query.push(" AND user_id = ").push_bind(user_id.clone());
+        }
+        if let Some(request_type) = &filter.request_type {
+            query
+                .push(" AND request_type = ")
+                .push_bind(request_type.as_str().to_owned());
+        }
+        if let Some(cursor) = &filter.after {
+            query
+                .push(" AND (created_at, id) < (")
+                .push_bind(micros(cursor.created_at))
+                .push(", ")
+                .push_bind(cursor.request_id.as_str().to_owned())
+                .push(")");
+        }
+        let limit = filter.effective_limit();
+        query
+            .push(" ORDER BY created_at DESC, id DESC LIMIT ")
+            .push_bind((limit + 1) as i64);
+
+        let rows = query
+            .build()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| Error::store("list", e))?;
+        let rows = rows.iter().map(request_from_row).collect::<Result<_>>()?;
+        Ok(RequestPage::from_rows(rows, limit))
+    }
+
+    async fn claim(
+        &self,
+        owner: &str,
+        limit: usize,
+        lease_duration: Duration,
+    ) -> Result<Vec<Request>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let at = now();
+
+        // One statement: SQLite runs it under its single write lock, so two claimers (in
+        // this process or another) can never select the same pending row.
+        let rows = sqlx::query(concat!(
+            "UPDATE requests SET status = 'PROCESSING', attempts = attempts + 1, \
+                 started_at = ?1, progress_stage = NULL, progress_percentage = 0, \
+                 urls_found = 0, content_extracted = 0, estimated_completion = NULL, \
+                 lease_owner = ?2, lease_token = lower(hex(randomblob(16))), \
+                 lease_expires_at = ?3, history = json_insert(history, '$[#]', json(?4)) \
+             WHERE seq IN (SELECT seq FROM requests \
+                 WHERE status = 'PENDING' AND run_after <= ?1 \
+                 ORDER BY priority, created_at, seq LIMIT ?5) \
+             RETURNING ",
+            columns!(),
+            ""
+        ))
+        .bind(micros(at))
+        .bind(owner)
+        .bind(micros(after(at, lease_duration)))
+        .bind(history_entry(
+            RequestStatus::Processing,
+            Some(owner),
+            "claimed",
+        ))
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| Error::store("claim", e))?;
+
+        // RETURNING does not keep the subquery's order; restore claim order.
+        let mut claimed: Vec<(i64, Request)> = rows
+            .iter()
+            .map(|row| {
+                Ok((
+                    row.try_get::<i64, _>("seq").unwrap_or_default(),
+                    request_from_row(row)?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        claimed.sort_by_key(|(seq, r)| (r.priority.rank(), r.created_at, *seq));
+        Ok(claimed.into_iter().map(|(_, r)| r).collect())
+    }
+
+    async fn mark_executing(&self, lease: &LeaseRef) -> Result<WriteOutcome> {
+        let rows = sqlx::query(
+            "UPDATE requests SET status = 'EXECUTING', \
+                 history = json_insert(history, '$[#]', json(?)) \
+             WHERE id = ? AND lease_token = ? AND status = 'PROCESSING'",
+        )
+        .bind(history_entry(
+            RequestStatus::Executing,
+            Some(&lease.owner),
+            "executor started",
+        ))
+        .bind(lease.request_id.as_str())
+        .bind(&lease.token)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| Error::store("mark_executing", e))?
+        .rows_affected();
+        self.outcome("mark_executing", rows, &lease.request_id)
+            .await
+    }
+
+    async fn record_progress(&self, lease: &LeaseRef, progress: &Progress) -> Result<WriteOutcome> {
+        let rows = sqlx::query(
+            "UPDATE requests SET progress_stage = ?, \
+                 progress_percentage = MAX(progress_percentage, ?), \
+                 urls_found = ?, content_extracted = ?, estimated_completion = ? \
+             WHERE id = ? AND lease_token = ? AND status = 'EXECUTING'",
+        )
+        .bind(progress.current_stage.as_deref())
+        .bind(i64::from(progress.percentage.min(100)))
+        .bind(i64::try_from(progress.urls_found).unwrap_or(i64::MAX))
+        .bind(i64::try_from(progress.content_extracted).unwrap_or(i64::MAX))
+        .bind(progress.estimated_completion.map(micros))
+        .bind(lease.request_id.as_str())
+        .bind(&lease.token)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| Error::store("record_progress", e))?
+        .rows_affected();
+        self.outcome("record_progress", rows, &lease.request_id)
+            .await
+    }
+
+    async fn extend_lease(
+        &self,
+        lease: &LeaseRef,
+        lease_duration: Duration,
+    ) -> Result<WriteOutcome> {
+        let rows = sqlx::query(
+            "UPDATE requests SET lease_expires_at = ? \
+             WHERE id = ? AND lease_token = ? AND status IN ('PROCESSING', 'EXECUTING')",
+        )
+        .bind(micros(after(now(), lease_duration)))
+        .bind(lease.request_id.as_str())
+        .bind(&lease.token)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| Error::store("extend_lease", e))?
+        .rows_affected();
+        self.outcome("extend_lease", rows, &lease.request_id).await
+    }
+
+    async fn complete(&self, lease: &LeaseRef, results: &RequestResults) -> Result<WriteOutcome> {
+        let rows = sqlx::query(
+            "UPDATE requests SET status = 'COMPLETED', results = ?, completed_at = ?, \
+                 progress_percentage = 100, lease_owner = NULL, lease_token = NULL, \
+                 lease_expires_at = NULL, history = json_insert(history, '$[#]', json(?)) \
+             WHERE id = ? AND lease_token = ? AND status = 'EXECUTING'",
+        )
+        .bind(to_json(results))
+        .bind(micros(now()))
+        .bind(history_entry(
+            RequestStatus::Completed,
+            Some(&lease.owner),
+            "workflow completed",
+        ))
+        .bind(lease.request_id.as_str())
+        .bind(&lease.token)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| Error::store("complete", e))?
+        .rows_affected();
+        self.outcome("complete", rows, &lease.request_id).await
+    }
+
+    async fn fail_attempt(
+        &self,
+        lease: &LeaseRef,
+        error: &AttemptError,
+        retry_at: Option<DateTime<Utc>>,
+    ) -> Result<WriteOutcome> {
+        let at = now();
+
+        // Whether the request goes back to PENDING is decided in the statement, from the
+        // attempts it actually has: a retry is only ever scheduled while attempts remain.
+        let rows = sqlx::query(
+            "UPDATE requests SET \
+                 status = CASE WHEN ?1 AND attempts < max_attempts \
+                     THEN 'PENDING' ELSE 'FAILED' END, \
+                 run_after = CASE WHEN ?1 AND attempts < max_attempts \
+                     THEN ?2 ELSE run_after END, \
+                 completed_at = CASE WHEN ?1 AND attempts < max_attempts \
+                     THEN NULL ELSE ?3 END, \
+                 history = json_insert(history, '$[#]', json(CASE \
+                     WHEN ?1 AND attempts < max_attempts THEN ?4 ELSE ?5 END)), \
+                 errors = json_insert(errors, '$[#]', json(?6)), \
+                 lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL \
+             WHERE id = ?7 AND lease_token = ?8 AND status IN ('PROCESSING', 'EXECUTING')",
+        )
+        .bind(retry_at.is_some())
+        .bind(retry_at.map(micros))
+        .bind(micros(at))
+        .bind(history_entry(
+            RequestStatus::Pending,
+            Some(&lease.owner),
+            "retry scheduled",
+        ))
+        .bind(history_entry(
+            RequestStatus::Failed,
+            Some(&lease.owner),
+            "attempt failed; no retry",
+        ))
+        .bind(to_json(error))
+        .bind(lease.request_id.as_str())
+        .bind(&lease.token)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| Error::store("fail_attempt", e))?
+        .rows_affected();
+        self.outcome("fail_attempt", rows, &lease.request_id).await
+    }
+
+    async fn release(&self, lease: &LeaseRef, reason: &str) -> Result<WriteOutcome> {
+        let rows = sqlx::query(
+            "UPDATE requests SET status = 'PENDING', attempts = MAX(attempts - 1, 0), \
+                 run_after = ?, lease_owner = NULL, lease_token = NULL, \
+                 lease_expires_at = NULL, history = json_insert(history, '$[#]', json(?)) \
+             WHERE id = ? AND lease_token = ? AND status IN ('PROCESSING', 'EXECUTING')",
+        )
+        .bind(micros(now()))
+        .bind(history_entry(
+            RequestStatus::Pending,
+            Some(&lease.owner),
+            reason,
+        ))
+        .bind(lease.request_id.as_str())
+        .bind(&lease.token)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| Error::store("release", e))?
+        .rows_affected();
+        self.outcome("release", rows, &lease.request_id).await
+    }
+
+    async fn cancel(&self, id: &RequestId, reason: &str) -> Result<CancelOutcome> {
+        // RETURNING sees the row after the update, so the previous status is read first;
+        // the update itself is still conditional on that status, and is retried if a worker
+        // moved the request in between.
+        loop {
+            let Some(request) = self.get(id).await? else {
+                return Ok(CancelOutcome::NotFound);
+            };
+            if request.status.is_terminal() {
+                return Ok(CancelOutcome::AlreadyTerminal(request.status));
+            }
+            let rows = sqlx::query(
+                "UPDATE requests SET status = 'CANCELLED', completed_at = ?, \
+                     lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, \
+                     history = json_insert(history, '$[#]', json(?)) \
+                 WHERE id = ? AND status = ?",
+            )
+            .bind(micros(now()))
+            .bind(history_entry(RequestStatus::Cancelled, None, reason))
+            .bind(id.as_str())
+            .bind(request.status.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(|e| Error::store("cancel", e))?
+            .rows_affected();
+            if rows > 0 {
+                return Ok(CancelOutcome::Cancelled {
+                    previous: request.status,
+                });
+            }
+        }
+    }
+
+    async fn rescue_expired(&self) -> Result<Vec<RescuedRequest>> {
+        let at = now();
+        let expired = sqlx::query(
+            "SELECT id, lease_owner, lease_token, attempts, max_attempts FROM requests \
+             WHERE status IN ('PROCESSING', 'EXECUTING') AND lease_expires_at <= ?",
+        )
+        .bind(micros(at))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| Error::store("rescue_expired", e))?;
+
+        let mut rescued = Vec::new();
+        for row in expired {
+            let id: String = column(&row, "", "id")?;
+            let owner: String =
+                column::<Option<String>>(&row, &id, "lease_owner")?.unwrap_or_default();
+            let token: String = column(&row, &id, "lease_token")?;
+            let attempts = column::<i64>(&row, &id, "attempts")?.max(0) as u32;
+            let max_attempts = column::<i64>(&row, &id, "max_attempts")?.max(1) as u32;
+            let status = if attempts >= max_attempts {
+                RequestStatus::Failed
+            } else {
+                RequestStatus::Pending
+            };
+            let error = AttemptError {
+                attempt: attempts,
+                message: expired_lease_message(&owner),
+                retryable: true,
+                at,
+            };
+
+            // Conditional on the very lease that was seen expired: a completion, cancel or
+            // heartbeat that committed since then makes this update match nothing.
+            let rows = sqlx::query(
+                "UPDATE requests SET status = ?, run_after = ?, completed_at = ?, \
+                     lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, \
+                     errors = json_insert(errors, '$[#]', json(?)), \
+                     history = json_insert(history, '$[#]', json(?)) \
+                 WHERE id = ? AND lease_token = ? AND lease_expires_at <= ? \
+                     AND status IN ('PROCESSING', 'EXECUTING')",
+            )
+            .bind(status.as_str())
+            .bind(micros(at))
+            .bind(status.is_terminal().then(|| micros(at)))
+            .bind(to_json(&error))
+            .bind(history_entry(status, None, "lease expired; rescued"))
+            .bind(&id)
+            .bind(&token)
+            .bind(micros(at))
+            .execute(&self.pool)
+            .await
+            .map_err(|e| Error::store("rescue_expired", e))?
+            .rows_affected();
+            if rows > 0 {
+                rescued.push(RescuedRequest {
+                    request_id: RequestId::from_stored(id),
+                    status,
+                    attempts,
+                    previous_owner: owner,
+                });
+            }
+        }
+        Ok(rescued)
+    }
+
+    async fn prune_finished(&self, finished_before: DateTime<Utc>) -> Result<u64> {
+        let rows = sqlx::query(
+            "DELETE FROM requests \
+             WHERE status IN ('COMPLETED', 'FAILED', 'CANCELLED') AND completed_at < ?",
+        )
+        .bind(micros(finished_before))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| Error::store("prune_finished", e))?
+        .rows_affected();
+        Ok(rows)
+    }
+
+    async fn count_by_status(&self) -> Result<BTreeMap<RequestStatus, u64>> {
+        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM requests GROUP BY status")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| Error::store("count_by_status", e))?;
+        let mut counts = BTreeMap::new();
+        for row in rows {
+            let status: String = column(&row, "", "status")?;
+            let n: i64 = column(&row, "", "n")?;
+            counts.insert(status.parse()?, n.max(0) as u64);
+        }
+        Ok(counts)
+    }
+
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(|e| Error::store("ping", e))
+    }
+}

@@ -1,0 +1,335 @@
+//! The one execution path every strategy shares: claimed request -> `EXECUTING` ->
+//! executor -> fenced final write, with a heartbeat, cancellation and panic capture.
+
+#![cfg_attr(not(feature = "table"), allow(dead_code))]
+
+use std::any::Any;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::backoff::BackoffPolicy;
+use crate::error::Result;
+use crate::executor::{ExecutorRegistry, WorkflowContext, WorkflowError, describe};
+use crate::model::{AttemptError, Request, RequestResults};
+use crate::store::{LeaseRef, RequestStore, WriteOutcome, after, now};
+
+/// How an attempt is run.
+#[derive(Debug, Clone)]
+pub(crate) struct AttemptSettings {
+    pub strategy: &'static str,
+    pub heartbeat_interval: Duration,
+    pub lease_duration: Duration,
+    pub cancel_grace_period: Duration,
+    pub backoff: BackoffPolicy,
+}
+
+/// How an attempt ended, as far as this worker knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AttemptEnd {
+    Completed,
+    RetryScheduled(DateTime<Utc>),
+    Failed,
+    /// Handed back as `PENDING` at shutdown.
+    HandedBack,
+    /// The request was cancelled, rescued or otherwise taken from this worker; nothing of
+    /// this attempt was kept.
+    Superseded,
+    /// A store fault kept the outcome from being written; the lease will expire and the
+    /// rescuer will return the request.
+    Unrecorded,
+}
+
+/// Why the wait for the executor ended.
+enum Wake {
+    Finished(std::result::Result<std::result::Result<RequestResults, WorkflowError>, String>),
+    Cancelled,
+    HandBack,
+}
+
+/// Runs one claimed attempt to its end.
+///
+/// `cancel` stops the executor (a cancel of the request, or a lost lease); `hand_back`
+/// fires when a shutdown's grace period is over and the request must be returned.
+pub(crate) async fn run_attempt(
+    store: Arc<dyn RequestStore>,
+    executors: Arc<ExecutorRegistry>,
+    request: Request,
+    settings: AttemptSettings,
+    cancel: CancellationToken,
+    hand_back: CancellationToken,
+) -> AttemptEnd {
+    let Some(lease) = LeaseRef::of(&request) else {
+        tracing::error!(request_id = %request.id, "claimed request carries no lease; skipped");
+        return AttemptEnd::Superseded;
+    };
+    let span = tracing::info_span!(
+        "request",
+        request_id = %request.id,
+        request_type = %request.request_type,
+        attempt = request.attempts,
+        worker = %lease.owner,
+        strategy = settings.strategy,
+    );
+    run_leased(
+        store, executors, request, lease, settings, cancel, hand_back,
+    )
+    .instrument(span)
+    .await
+}
+
+async fn run_leased(
+    store: Arc<dyn RequestStore>,
+    executors: Arc<ExecutorRegistry>,
+    request: Request,
+    lease: LeaseRef,
+    settings: AttemptSettings,
+    cancel: CancellationToken,
+    hand_back: CancellationToken,
+) -> AttemptEnd {
+    let labels = [
+        ("strategy", settings.strategy.to_owned()),
+        ("request_type", request.request_type.to_string()),
+    ];
+
+    let Some(executor) = executors.get(&request.request_type) else {
+        // Submit refuses unknown types, so this is a request stored by another process
+        // with other executors. Retrying here cannot help.
+        let error = WorkflowError::permanent(format!(
+            "no executor is registered for request type `{}` in worker {}",
+            request.request_type, lease.owner
+        ));
+        return record_failure(&*store, &request, &lease, &settings, error, false).await;
+    };
+
+    match store.mark_executing(&lease).await {
+        Ok(WriteOutcome::Applied) => {}
+        Ok(WriteOutcome::Rejected { current }) => {
+            tracing::info!(
+                status = describe(current),
+                "request taken away before it started"
+            );
+            return AttemptEnd::Superseded;
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "could not mark the request executing; its lease will lapse");
+            return AttemptEnd::Unrecorded;
+        }
+    }
+    tracing::info!("executing");
+    let started = Instant::now();
+
+    let ctx = WorkflowContext::for_lease(
+        store.clone(),
+        lease.clone(),
+        request.attempts,
+        cancel.clone(),
+    );
+    let run_request = request.clone();
+    let run_executor = executor.clone();
+    let mut task = tokio::spawn(
+        async move { run_executor.execute(&run_request, &ctx).await }.in_current_span(),
+    );
+
+    let mut heartbeat = tokio::time::interval_at(
+        Instant::now() + settings.heartbeat_interval,
+        settings.heartbeat_interval,
+    );
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    let wake = loop {
+        tokio::select! {
+            joined = &mut task => break Wake::Finished(joined.map_err(panic_message)),
+            _ = cancel.cancelled() => break Wake::Cancelled,
+            _ = hand_back.cancelled() => break Wake::HandBack,
+            _ = heartbeat.tick() => {
+                match store.extend_lease(&lease, settings.lease_duration).await {
+                    Ok(WriteOutcome::Applied) => {}
+                    Ok(WriteOutcome::Rejected { current }) => {
+                        // Cancelled elsewhere (another process), or rescued after a stall:
+                        // the executor must stop, and nothing it returns will be kept.
+                        tracing::info!(status = describe(current), "lease lost; stopping the executor");
+                        cancel.cancel();
+                    }
+                    Err(err) => tracing::warn!(error = %err, "heartbeat failed; will try again"),
+                }
+            }
+        }
+    };
+
+    let finished = match wake {
+        Wake::Finished(finished) => finished,
+        Wake::HandBack => {
+            cancel.cancel();
+            task.abort();
+            return hand_back_request(&*store, &lease).await;
+        }
+        Wake::Cancelled => {
+            // Give a cooperative executor the chance to stop cleanly; drop one that
+            // ignores the cancel. Either way its outcome goes through the fenced write,
+            // which a cancelled or rescued request refuses.
+            match tokio::time::timeout(settings.cancel_grace_period, &mut task).await {
+                Ok(joined) => joined.map_err(panic_message),
+                Err(_) => {
+                    task.abort();
+                    tracing::info!("executor ignored the cancel; dropped it");
+                    return AttemptEnd::Superseded;
+                }
+            }
+        }
+    };
+
+    let elapsed = started.elapsed();
+    metrics::histogram!("root_orchestrator_processing_seconds", &labels)
+        .record(elapsed.as_secs_f64());
+
+    match finished {
+        Ok(Ok(results)) => {
+            match write_final(|| store.complete(&lease, &results), settings.lease_duration).await {
+                Some(WriteOutcome::Applied) => {
+                    metrics::counter!("root_orchestrator_requests_completed_total", &labels)
+                        .increment(1);
+                    tracing::info!(elapsed_secs = elapsed.as_secs_f64(), "completed");
+                    AttemptEnd::Completed
+                }
+                Some(WriteOutcome::Rejected { current }) => {
+                    tracing::info!(status = describe(current), "late result discarded");
+                    AttemptEnd::Superseded
+                }
+                None => AttemptEnd::Unrecorded,
+            }
+        }
+        Ok(Err(error)) => {
+            let worth_retrying = executor.should_retry(&error);
+            record_failure(&*store, &request, &lease, &settings, error, worth_retrying).await
+        }
+        Err(panic) => {
+            let error = WorkflowError::retryable(format!("executor panicked: {panic}"));
+            let worth_retrying = executor.should_retry(&error);
+            record_failure(&*store, &request, &lease, &settings, error, worth_retrying).await
+        }
+    }
+}
+
+/// Records a failed attempt: a retry after the backoff while attempts remain and the
+/// failure is worth it, `FAILED` otherwise.
+async fn record_failure(
+    store: &dyn RequestStore,
+    request: &Request,
+    lease: &LeaseRef,
+    settings: &AttemptSettings,
+    error: WorkflowError,
+    worth_retrying: bool,
+) -> AttemptEnd {
+    let labels = [
+        ("strategy", settings.strategy.to_owned()),
+        ("request_type", request.request_type.to_string()),
+    ];
+    let message = error_chain(&error);
+    let retry_at = (worth_retrying && request.attempts < request.max_attempts)
+        .then(|| after(now(), settings.backoff.delay(request.attempts)));
+    let attempt_error = AttemptError {
+        attempt: request.attempts,
+        message: message.clone(),
+        retryable: worth_retrying,
+        at: now(),
+    };
+
+    let outcome = write_final(
+        || store.fail_attempt(lease, &attempt_error, retry_at),
+        settings.lease_duration,
+    )
+    .await;
+    match (outcome, retry_at) {
+        (Some(WriteOutcome::Applied), Some(at)) => {
+            metrics::counter!("root_orchestrator_requests_retried_total", &labels).increment(1);
+            tracing::warn!(error = %message, retry_at = %at, "attempt failed; retry scheduled");
+            AttemptEnd::RetryScheduled(at)
+        }
+        (Some(WriteOutcome::Applied), None) => {
+            metrics::counter!("root_orchestrator_requests_failed_total", &labels).increment(1);
+            tracing::warn!(error = %message, retryable = worth_retrying, "request failed");
+            AttemptEnd::Failed
+        }
+        (Some(WriteOutcome::Rejected { current }), _) => {
+            tracing::info!(status = describe(current), error = %message, "failure of a superseded attempt discarded");
+            AttemptEnd::Superseded
+        }
+        (None, _) => AttemptEnd::Unrecorded,
+    }
+}
+
+async fn hand_back_request(store: &dyn RequestStore, lease: &LeaseRef) -> AttemptEnd {
+    match store.release(lease, "handed back at shutdown").await {
+        Ok(WriteOutcome::Applied) => {
+            tracing::info!("handed back as PENDING at shutdown");
+            AttemptEnd::HandedBack
+        }
+        Ok(WriteOutcome::Rejected { current }) => {
+            tracing::info!(
+                status = describe(current),
+                "not handed back: no longer held"
+            );
+            AttemptEnd::Superseded
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "could not hand the request back; its lease will lapse");
+            AttemptEnd::Unrecorded
+        }
+    }
+}
+
+/// Makes a final write, trying again on store faults for up to `patience` (the lease
+/// would lapse after that anyway, and the rescuer takes over).
+async fn write_final<F, Fut>(mut write: F, patience: Duration) -> Option<WriteOutcome>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<WriteOutcome>>,
+{
+    let deadline = Instant::now() + patience;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match write().await {
+            Ok(outcome) => return Some(outcome),
+            Err(err) if Instant::now() + pause < deadline => {
+                tracing::warn!(error = %err, "could not record the outcome; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "gave up recording the outcome; the lease will lapse");
+                return None;
+            }
+        }
+    }
+}
+
+fn panic_message(err: tokio::task::JoinError) -> String {
+    if !err.is_panic() {
+        return "executor task was cancelled".to_owned();
+    }
+    let payload: Box<dyn Any + Send> = err.into_panic();
+    if let Some(text) = payload.downcast_ref::<&str>() {
+        (*text).to_owned()
+    } else if let Some(text) = payload.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "a non-text panic payload".to_owned()
+    }
+}
+
+/// The error's message followed by its causes.
+fn error_chain(error: &WorkflowError) -> String {
+    let mut message = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}

@@ -1,0 +1,334 @@
+//! The table strategy: workers claim pending requests from a [`RequestStore`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::ProcessingStrategy;
+use super::execution::{AttemptEnd, AttemptSettings, run_attempt};
+use crate::config::TableConfig;
+use crate::error::Result;
+use crate::executor::ExecutorRegistry;
+use crate::model::{NewRequest, Request, RequestId};
+use crate::status::RequestStatus;
+use crate::store::{CancelOutcome, InsertOutcome, RequestStore, now};
+
+const STRATEGY: &str = "table";
+
+/// Requests live in a database table; this process's workers claim them.
+///
+/// - Up to [`TableConfig::max_concurrent_requests`] requests run at once, claimed by
+///   priority, then age, then insertion order, once their `run_after` has passed.
+/// - A submit through this strategy wakes idle workers at once; otherwise they look for
+///   work every [`TableConfig::polling_interval`] (and whenever a slot frees up).
+/// - A running request's lease is extended every [`TableConfig::status_update_interval`].
+///   A rescuer returns requests whose lease lapsed (a crashed or stalled worker, in any
+///   process) to `PENDING`, or to `FAILED` when their attempts are spent.
+/// - Finished requests older than [`TableConfig::cleanup_completed_after`] are pruned.
+///
+/// Any number of processes may run workers on one database; each has its own worker id.
+///
+/// # Examples
+///
+/// ```
+/// use root_orchestrator::{MemoryStore, TableConfig, TableStrategy};
+///
+/// let strategy = TableStrategy::new(MemoryStore::new(), TableConfig::default())?;
+/// assert!(strategy.worker_id().starts_with("table-"));
+/// # Ok::<(), root_orchestrator::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct TableStrategy {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn RequestStore>,
+    config: TableConfig,
+    worker_id: String,
+    /// Woken by local submits, finished attempts, rescues and due retries.
+    wake: Notify,
+    /// Cancellation handles of the requests this process is running.
+    running: Mutex<HashMap<RequestId, CancellationToken>>,
+}
+
+impl std::fmt::Debug for TableStrategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TableStrategy")
+            .field("worker_id", &self.inner.worker_id)
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TableStrategy {
+    /// A strategy over `store` with `config`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) naming the bad setting.
+    pub fn new(store: impl RequestStore, config: TableConfig) -> Result<Self> {
+        Self::with_shared_store(Arc::new(store), config)
+    }
+
+    /// Like [`new`](Self::new), for a store shared with other parts of the host.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) naming the bad setting.
+    pub fn with_shared_store(store: Arc<dyn RequestStore>, config: TableConfig) -> Result<Self> {
+        config.validate()?;
+        Ok(TableStrategy {
+            inner: Arc::new(Inner {
+                store,
+                config,
+                worker_id: super::worker_id(STRATEGY),
+                wake: Notify::new(),
+                running: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// This process's worker id, the owner recorded on its leases.
+    pub fn worker_id(&self) -> &str {
+        &self.inner.worker_id
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &TableConfig {
+        &self.inner.config
+    }
+
+    fn attempt_settings(&self) -> AttemptSettings {
+        let config = &self.inner.config;
+        AttemptSettings {
+            strategy: STRATEGY,
+            heartbeat_interval: config.status_update_interval,
+            lease_duration: config.lease_duration,
+            cancel_grace_period: config.cancel_grace_period,
+            backoff: config.backoff,
+        }
+    }
+}
+
+impl Inner {
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<RequestId, CancellationToken>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Returns lapsed leases to the queue, then prunes if due.
+    async fn rescue(&self) {
+        match self.store.rescue_expired().await {
+            Ok(rescued) => {
+                for r in &rescued {
+                    metrics::counter!("root_orchestrator_requests_rescued_total", "strategy" => STRATEGY)
+                        .increment(1);
+                    tracing::warn!(
+                        request_id = %r.request_id,
+                        previous_owner = %r.previous_owner,
+                        attempts = r.attempts,
+                        status = %r.status,
+                        "rescued a request whose lease expired"
+                    );
+                }
+                if rescued.iter().any(|r| r.status == RequestStatus::Pending) {
+                    self.wake.notify_one();
+                }
+            }
+            Err(err) => tracing::warn!(error = %err, "rescue failed; will try again"),
+        }
+    }
+
+    async fn prune(&self) {
+        let cutoff = now()
+            - chrono::Duration::from_std(self.config.cleanup_completed_after)
+                .unwrap_or(chrono::Duration::MAX);
+        match self.store.prune_finished(cutoff).await {
+            Ok(0) => {}
+            Ok(pruned) => tracing::info!(pruned, "pruned finished requests"),
+            Err(err) => tracing::warn!(error = %err, "pruning failed; will try again"),
+        }
+    }
+
+    /// The rescuer and the pruner, until `stop`.
+    async fn maintain(self: Arc<Self>, stop: CancellationToken) {
+        let mut rescue_tick = tokio::time::interval(self.config.polling_interval);
+        let mut prune_tick = tokio::time::interval(self.config.prune_interval);
+        rescue_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        prune_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = rescue_tick.tick() => self.rescue().await,
+                _ = prune_tick.tick() => self.prune().await,
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl ProcessingStrategy for TableStrategy {
+    fn name(&self) -> &'static str {
+        STRATEGY
+    }
+
+    fn store(&self) -> Arc<dyn RequestStore> {
+        self.inner.store.clone()
+    }
+
+    async fn submit(&self, request: NewRequest) -> Result<InsertOutcome> {
+        let outcome = self
+            .inner
+            .store
+            .insert(request, self.inner.config.default_max_attempts())
+            .await?;
+        if let InsertOutcome::Inserted(request) = &outcome {
+            metrics::counter!(
+                "root_orchestrator_requests_submitted_total",
+                "strategy" => STRATEGY,
+                "request_type" => request.request_type.to_string(),
+            )
+            .increment(1);
+            self.inner.wake.notify_one();
+        }
+        Ok(outcome)
+    }
+
+    async fn status(&self, id: &RequestId) -> Result<Option<Request>> {
+        self.inner.store.get(id).await
+    }
+
+    async fn cancel(&self, id: &RequestId) -> Result<CancelOutcome> {
+        let outcome = self.inner.store.cancel(id, "cancelled by caller").await?;
+        if let CancelOutcome::Cancelled { previous } = outcome {
+            tracing::info!(request_id = %id, previous = %previous, "request cancelled");
+            // A request running in another process learns of the cancel from its next
+            // heartbeat, which the voided lease refuses.
+            if let Some(token) = self.inner.running().get(id) {
+                token.cancel();
+            }
+        }
+        Ok(outcome)
+    }
+
+    async fn run(
+        &self,
+        executors: Arc<ExecutorRegistry>,
+        shutdown: CancellationToken,
+    ) -> Result<()> {
+        let inner = self.inner.clone();
+        let config = inner.config.clone();
+        let span = tracing::info_span!("table_workers", worker = %inner.worker_id);
+
+        let slots = Arc::new(Semaphore::new(config.max_concurrent_requests));
+        let hand_back = CancellationToken::new();
+        let maintenance_stop = CancellationToken::new();
+        let maintenance = tokio::spawn(
+            inner
+                .clone()
+                .maintain(maintenance_stop.clone())
+                .instrument(span.clone()),
+        );
+        let mut attempts = JoinSet::new();
+        tracing::info!(
+            parent: &span,
+            max_concurrent_requests = config.max_concurrent_requests,
+            polling_interval_secs = config.polling_interval.as_secs_f64(),
+            "workers started"
+        );
+
+        while !shutdown.is_cancelled() {
+            while attempts.try_join_next().is_some() {}
+
+            let free = slots.available_permits();
+            if free > 0 {
+                match inner
+                    .store
+                    .claim(&inner.worker_id, free, config.lease_duration)
+                    .await
+                {
+                    Ok(claimed) => {
+                        for request in claimed {
+                            // Only this loop takes permits, and `free` were available.
+                            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                                break;
+                            };
+                            let cancel = CancellationToken::new();
+                            inner.running().insert(request.id.clone(), cancel.clone());
+                            let inner = inner.clone();
+                            let executors = executors.clone();
+                            let hand_back = hand_back.clone();
+                            let settings = self.attempt_settings();
+                            attempts.spawn(
+                                async move {
+                                    let id = request.id.clone();
+                                    let end = run_attempt(
+                                        inner.store.clone(),
+                                        executors,
+                                        request,
+                                        settings,
+                                        cancel,
+                                        hand_back,
+                                    )
+                                    .await;
+                                    inner.running().remove(&id);
+                                    drop(permit);
+                                    inner.wake.notify_one();
+                                    if let AttemptEnd::RetryScheduled(at) = end {
+                                        wake_at(inner, at);
+                                    }
+                                }
+                                .instrument(span.clone()),
+                            );
+                        }
+                    }
+                    Err(err) => {
+                        tracing::warn!(parent: &span, error = %err, "claim failed; will try again")
+                    }
+                }
+            }
+
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = inner.wake.notified() => {}
+                _ = tokio::time::sleep(config.polling_interval) => {}
+            }
+        }
+
+        tracing::info!(parent: &span, in_flight = attempts.len(), "shutting down: no new claims");
+        let drained = tokio::time::timeout(config.shutdown_grace_period, async {
+            while attempts.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                parent: &span,
+                in_flight = attempts.len(),
+                "grace period over; handing back running requests"
+            );
+            hand_back.cancel();
+            while attempts.join_next().await.is_some() {}
+        }
+
+        maintenance_stop.cancel();
+        let _ = maintenance.await;
+        tracing::info!(parent: &span, "workers stopped");
+        Ok(())
+    }
+}
+
+/// Wakes the claim loop when a scheduled retry becomes due, so it does not wait for the
+/// next poll.
+fn wake_at(inner: Arc<Inner>, at: chrono::DateTime<chrono::Utc>) {
+    let delay = (at - now()).to_std().unwrap_or_default();
+    // The retry is durable in the store; this timer only shortens the wait for it.
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        inner.wake.notify_one();
+    });
+}

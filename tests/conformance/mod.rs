@@ -1,0 +1,1013 @@
+//! The store conformance suite: written once, run against every `RequestStore` backend.
+//!
+//! A backend's test file implements [`Harness`] and calls [`store_suite!`], which expands
+//! to one `#[test]` per behaviour below.
+
+#![allow(dead_code)]
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use root_orchestrator::{
+    AttemptError, CancelOutcome, Configuration, InsertOutcome, LeaseRef, ListFilter, NewRequest,
+    Priority, Progress, RequestId, RequestResults, RequestStatus, RequestStore, RequestType,
+    Source, WriteOutcome,
+};
+
+/// Opens stores over one backing database; each test gets a fresh harness.
+#[async_trait]
+pub trait Harness: Send + Sync + 'static {
+    /// Opens (or reopens) the store.
+    async fn open(&self) -> Arc<dyn RequestStore>;
+
+    /// Closes every store opened so far, as a process exit would.
+    async fn close_all(&self);
+
+    /// Whether the data outlives `close_all` (false only for the in-memory store, whose
+    /// "reopen" is another handle on the same map).
+    fn durable(&self) -> bool;
+
+    /// Cases for the state-machine property test (fewer for slow backends).
+    fn property_cases(&self) -> u32 {
+        64
+    }
+}
+
+/// Expands to one test per behaviour, each with a fresh harness from `$make`.
+#[macro_export]
+macro_rules! store_suite {
+    ($make:expr) => {
+        $crate::store_suite!(@tests $make;
+            claims_by_priority_then_age_then_insertion,
+            claim_order_ignores_id_text_order,
+            concurrent_claimers_never_share_a_request,
+            fenced_writes_refuse_a_stale_token,
+            writes_after_a_terminal_status_change_nothing,
+            cancel_voids_the_running_lease,
+            rescue_returns_expired_leases_with_the_attempt_counted,
+            rescue_fails_a_request_whose_attempts_are_spent,
+            completion_committed_first_beats_the_rescuer,
+            rescue_racing_completion_applies_exactly_one,
+            attempts_and_errors_survive_a_reopen,
+            progress_never_decreases_within_an_attempt,
+            run_after_is_respected,
+            release_returns_a_request_without_counting_the_attempt,
+            prune_removes_only_old_finished_requests,
+            caller_given_id_makes_insert_idempotent,
+            list_filters_and_pages_newest_first,
+            history_explains_every_transition,
+        );
+
+        #[test]
+        fn random_interleavings_keep_the_state_machine() {
+            conformance::random_interleavings_keep_the_state_machine(|| $make);
+        }
+    };
+    (@tests $make:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                conformance::$name(&$make).await;
+            }
+        )*
+    };
+}
+
+pub fn configuration() -> Configuration {
+    let mut configuration = Configuration::new(["semaglutide"]);
+    configuration.sources.push(Source::new("FDA", "regulatory"));
+    configuration
+}
+
+pub fn new_request(id: &str, priority: Priority) -> NewRequest {
+    NewRequest::new(
+        "project-a",
+        "analyst-1",
+        RequestType::new("semaglutide_intelligence").unwrap(),
+        configuration(),
+    )
+    .with_id(RequestId::parse(id).unwrap())
+    .with_priority(priority)
+}
+
+async fn insert(store: &dyn RequestStore, id: &str, priority: Priority) -> RequestId {
+    match store.insert(new_request(id, priority), 3).await.unwrap() {
+        InsertOutcome::Inserted(r) => r.id,
+        InsertOutcome::Existing(r) => panic!("{} existed already", r.id),
+    }
+}
+
+const LONG: Duration = Duration::from_secs(3600);
+
+async fn claim_one(store: &dyn RequestStore, lease: Duration) -> (RequestId, LeaseRef) {
+    let mut claimed = store.claim("worker-test", 1, lease).await.unwrap();
+    assert_eq!(claimed.len(), 1, "expected one claimable request");
+    let request = claimed.remove(0);
+    let lease = LeaseRef::of(&request).expect("a claimed request carries a lease");
+    (request.id, lease)
+}
+
+fn results() -> RequestResults {
+    RequestResults::new(
+        Some("report.md".into()),
+        serde_json::json!({"documents": 3}),
+    )
+}
+
+fn attempt_error(attempt: u32) -> AttemptError {
+    AttemptError {
+        attempt,
+        message: "source timed out".into(),
+        retryable: true,
+        at: Utc::now(),
+    }
+}
+
+async fn status(store: &dyn RequestStore, id: &RequestId) -> RequestStatus {
+    store.get(id).await.unwrap().expect("request exists").status
+}
+
+pub async fn claims_by_priority_then_age_then_insertion(h: &impl Harness) {
+    let store = h.open().await;
+    insert(&*store, "low-1", Priority::Low).await;
+    insert(&*store, "medium-1", Priority::Medium).await;
+    insert(&*store, "high-1", Priority::High).await;
+    insert(&*store, "medium-2", Priority::Medium).await;
+    insert(&*store, "high-2", Priority::High).await;
+
+    let first_two = store.claim("w", 2, LONG).await.unwrap();
+    let ids: Vec<_> = first_two.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, ["high-1", "high-2"]);
+
+    let mut rest = Vec::new();
+    while let Some(r) = store.claim("w", 1, LONG).await.unwrap().pop() {
+        rest.push(r.id.to_string());
+    }
+    assert_eq!(rest, ["medium-1", "medium-2", "low-1"]);
+}
+
+pub async fn claim_order_ignores_id_text_order(h: &impl Harness) {
+    let store = h.open().await;
+    // Inserted in numeric order; text order would put 10 before 9 and 100 before 99.
+    let ids = [
+        "req-8", "req-9", "req-10", "req-11", "req-98", "req-99", "req-100", "req-101",
+    ];
+    for id in ids {
+        insert(&*store, id, Priority::Medium).await;
+    }
+
+    let mut claimed = Vec::new();
+    while let Some(r) = store.claim("w", 1, LONG).await.unwrap().pop() {
+        claimed.push(r.id.to_string());
+    }
+    assert_eq!(claimed, ids);
+}
+
+pub async fn concurrent_claimers_never_share_a_request(h: &impl Harness) {
+    let store = h.open().await;
+    for i in 0..200 {
+        insert(&*store, &format!("c-{i}"), Priority::Medium).await;
+    }
+
+    let mut claimers = Vec::new();
+    for worker in 0..8 {
+        let store = store.clone();
+        claimers.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let batch = store.claim(&format!("w-{worker}"), 3, LONG).await.unwrap();
+                if batch.is_empty() {
+                    return mine;
+                }
+                mine.extend(batch.into_iter().map(|r| r.id));
+            }
+        }));
+    }
+
+    let mut seen = HashSet::new();
+    let mut total = 0;
+    for claimer in claimers {
+        for id in claimer.await.unwrap() {
+            total += 1;
+            assert!(seen.insert(id.clone()), "{id} was claimed twice");
+        }
+    }
+    assert_eq!(total, 200);
+    let counts = store.count_by_status().await.unwrap();
+    assert_eq!(counts.get(&RequestStatus::Processing), Some(&200));
+}
+
+pub async fn fenced_writes_refuse_a_stale_token(h: &impl Harness) {
+    let store = h.open().await;
+    insert(&*store, "fenced", Priority::Medium).await;
+    let (id, lease) = claim_one(&*store, LONG).await;
+    let forged = LeaseRef {
+        token: "not-the-token".into(),
+        ..lease.clone()
+    };
+
+    let refused = WriteOutcome::Rejected {
+        current: Some(RequestStatus::Processing),
+    };
+    assert_eq!(store.mark_executing(&forged).await.unwrap(), refused);
+    assert_eq!(store.extend_lease(&forged, LONG).await.unwrap(), refused);
+    assert_eq!(
+        store
+            .fail_attempt(&forged, &attempt_error(1), None)
+            .await
+            .unwrap(),
+        refused
+    );
+    assert_eq!(store.release(&forged, "stale").await.unwrap(), refused);
+    assert_eq!(status(&*store, &id).await, RequestStatus::Processing);
+
+    assert_eq!(
+        store.mark_executing(&lease).await.unwrap(),
+        WriteOutcome::Applied
+    );
+    let refused = WriteOutcome::Rejected {
+        current: Some(RequestStatus::Executing),
+    };
+    assert_eq!(store.complete(&forged, &results()).await.unwrap(), refused);
+    assert_eq!(
+        store
+            .record_progress(&forged, &Progress::at_stage("x", 40))
+            .await
+            .unwrap(),
+        refused
+    );
+    let request = store.get(&id).await.unwrap().unwrap();
+    assert_eq!(request.status, RequestStatus::Executing);
+    assert_eq!(request.progress.percentage, 0);
+    assert_eq!(request.results, None);
+
+    let unknown = LeaseRef {
+        request_id: RequestId::parse("missing").unwrap(),
+        ..lease
+    };
+    assert_eq!(
+        store.mark_executing(&unknown).await.unwrap(),
+        WriteOutcome::Rejected { current: None }
+    );
+}
+
+pub async fn writes_after_a_terminal_status_change_nothing(h: &impl Harness) {
+    let store = h.open().await;
+    insert(&*store, "done", Priority::Medium).await;
+    let (id, lease) = claim_one(&*store, LONG).await;
+    assert!(store.mark_executing(&lease).await.unwrap().is_applied());
+    assert!(
+        store
+            .complete(&lease, &results())
+            .await
+            .unwrap()
+            .is_applied()
+    );
+
+    let refused = WriteOutcome::Rejected {
+        current: Some(RequestStatus::Completed),
+    };
+    let other = RequestResults::new(None, serde_json::json!({"overwritten": true}));
+    assert_eq!(store.complete(&lease, &other).await.unwrap(), refused);
+    assert_eq!(
+        store
+            .fail_attempt(&lease, &attempt_error(1), None)
+            .await
+            .unwrap(),
+        refused
+    );
+    assert_eq!(store.release(&lease, "late").await.unwrap(), refused);
+    assert_eq!(store.extend_lease(&lease, LONG).await.unwrap(), refused);
+    assert_eq!(
+        store.cancel(&id, "too late").await.unwrap(),
+        CancelOutcome::AlreadyTerminal(RequestStatus::Completed)
+    );
+
+    let request = store.get(&id).await.unwrap().unwrap();
+    assert_eq!(request.status, RequestStatus::Completed);
+    assert_eq!(request.results, Some(results()));
+    assert!(request.errors.is_empty());
+    assert_eq!(request.lease, None);
+    assert!(request.completed_at.is_some());
+}
+
+pub async fn cancel_voids_the_running_lease(h: &impl Harness) {
+    let store = h.open().await;
+    insert(&*store, "cancel-me", Priority::Medium).await;
+    let pending = insert(&*store, "cancel-pending", Priority::Low).await;
+    let (id, lease) = claim_one(&*store, LONG).await;
+    assert!(store.mark_executing(&lease).await.unwrap().is_applied());
+
+    assert_eq!(
+        store
+            .cancel(&id, "analyst changed their mind")
+            .await
+            .unwrap(),
+        CancelOutcome::Cancelled {
+            previous: RequestStatus::Executing
+        }
+    );
+    assert_eq!(
+        store.complete(&lease, &results()).await.unwrap(),
+        WriteOutcome::Rejected {
+            current: Some(RequestStatus::Cancelled)
+        }
+    );
+    let request = store.get(&id).await.unwrap().unwrap();
+    assert_eq!(request.status, RequestStatus::Cancelled);
+    assert_eq!(request.results, None);
+    assert_eq!(request.lease, None);
+
+    assert_eq!(
+        store.cancel(&pending, "not needed").await.unwrap(),
+        CancelOutcome::Cancelled {
+            previous: RequestStatus::Pending
+        }
+    );
+    assert!(store.claim("w", 5, LONG).await.unwrap().is_empty());
+    assert_eq!(
+        store.cancel(&id, "again").await.unwrap(),
+        CancelOutcome::AlreadyTerminal(RequestStatus::Cancelled)
+    );
+    assert_eq!(
+        store
+            .cancel(&RequestId::parse("nobody").unwrap(), "x")
+            .await
+            .unwrap(),
+        CancelOutcome::NotFound
+    );
+}
+
+pub async fn rescue_returns_expired_leases_with_the_attempt_counted(h: &impl Harness) {
+    let store = h.open().await;
+    insert(&*store, "stalled", Priority::Medium).await;
+    insert(&*store, "healthy", Priority::Low).await;
+    let (stalled, stale_lease) = claim_one(&*store, Duration::ZERO).await;
+    let (healthy, _) = claim_one(&*store, LONG).await;
+    assert!(
+        store
+            .mark_executing(&stale_lease)
+            .await
+            .unwrap()
+            .is_applied()
+    );
+
+    let rescued = store.rescue_expired().await.unwrap();
+    assert_eq!(rescued.len(), 1);
+    assert_eq!(rescued[0].request_id, stalled);
+    assert_eq!(rescued[0].status, RequestStatus::Pending);
+    assert_eq!(rescued[0].attempts, 1);
+    assert_eq!(rescued[0].previous_owner, "worker-test");
+
+    let request = store.get(&stalled).await.unwrap().unwrap();
+    assert_eq!(request.status, RequestStatus::Pending);
+    assert_eq!(request.attempts, 1);
+    assert_eq!(request.errors.len(), 1);
+    assert!(
+        request.errors[0].message.contains("expired"),
+        "{:?}",
+        request.errors
+    );
+    assert_eq!(request.lease, None);
+    assert_eq!(status(&*store, &healthy).await, RequestStatus::Processing);
+
+    // The old lease can no longer write; the next claim counts a second attempt.
+    assert!(
+        !store
+            .complete(&stale_lease, &results())
+            .await
+            .unwrap()
+            .is_applied()
+    );
+    let again = store.claim("worker-2", 1, LONG).await.unwrap();
+    assert_eq!(again[0].id, stalled);
+    assert_eq!(again[0].attempts, 2);
+}
+
+pub async fn rescue_fails_a_request_whose_attempts_are_spent(h: &impl Harness) {
+    let store = h.open().await;
+    let request = new_request("one-shot", Priority::Medium).with_max_attempts(1);
+    store.insert(request, 3).await.unwrap();
+    let (id, _) = claim_one(&*store, Duration::ZERO).await;
+
+    let rescued = store.rescue_expired().await.unwrap();
+    assert_eq!(rescued.len(), 1);
+    assert_eq!(rescued[0].status, RequestStatus::Failed);
+
+    let request = store.get(&id).await.unwrap().unwrap();
+    assert_eq!(request.status, RequestStatus::Failed);
+    assert_eq!(request.attempts, 1);
+    assert_eq!(request.errors.len(), 1);
+    assert!(request.completed_at.is_some());
+    assert!(store.claim("w", 1, LONG).await.unwrap().is_empty());
+}
+
+pub async fn completion_committed_first_beats_the_rescuer(h: &impl Harness) {
+    let store = h.open().await;
+    insert(&*store, "finisher", Priority::Medium).await;
+    let (id, lease) = claim_one(&*store, Duration::ZERO).await;
+    assert!(store.mark_executing(&lease).await.unwrap().is_applied());
+    assert!(
+        store
+            .complete(&lease, &results())
+            .await
+            .unwrap()
+            .is_applied()
+    );
+
+    assert!(store.rescue_expired().await.unwrap().is_empty());
+    let request = store.get(&id).await.unwrap().unwrap();
+    assert_eq!(request.status, RequestStatus::Completed);
+    assert_eq!(request.results, Some(results()));
+    assert!(request.errors.is_empty());
+}
+
+pub async fn rescue_racing_completion_applies_exactly_one(h: &impl Harness) {
+    let store = h.open().await;
+    let n = 40;
+    let mut leases = Vec::new();
+    for i in 0..n {
+        insert(&*store, &format!("race-{i}"), Priority::Medium).await;
+    }
+    for _ in 0..n {
+        let (_, lease) = claim_one(&*store, Duration::ZERO).await;
+        assert!(store.mark_executing(&lease).await.unwrap().is_applied());
+        leases.push(lease);
+    }
+
+    let rescuer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut rescued = HashSet::new();
+            for _ in 0..5 {
+                for r in store.rescue_expired().await.unwrap() {
+                    rescued.insert(r.request_id);
+                }
+            }
+            rescued
+        })
+    };
+    let completer = {
+        let store = store.clone();
+        let leases = leases.clone();
+        tokio::spawn(async move {
+            let mut completed = HashSet::new();
+            for lease in leases {
+                if store
+                    .complete(&lease, &results())
+                    .await
+                    .unwrap()
+                    .is_applied()
+                {
+                    completed.insert(lease.request_id);
+                }
+            }
+            completed
+        })
+    };
+    let rescued = rescuer.await.unwrap();
+    let completed = completer.await.unwrap();
+
+    assert_eq!(
+        rescued.len() + completed.len(),
+        n,
+        "every request went exactly one way"
+    );
+    for lease in &leases {
+        let request = store.get(&lease.request_id).await.unwrap().unwrap();
+        if completed.contains(&lease.request_id) {
+            assert!(!rescued.contains(&lease.request_id));
+            assert_eq!(request.status, RequestStatus::Completed);
+            assert!(request.errors.is_empty());
+        } else {
+            assert_eq!(request.status, RequestStatus::Pending);
+            assert_eq!(request.results, None);
+            assert_eq!(request.errors.len(), 1);
+        }
+    }
+}
+
+pub async fn attempts_and_errors_survive_a_reopen(h: &impl Harness) {
+    let store = h.open().await;
+    insert(&*store, "durable", Priority::Medium).await;
+    let (id, lease) = claim_one(&*store, LONG).await;
+    assert!(store.mark_executing(&lease).await.unwrap().is_applied());
+    assert!(
+        store
+            .fail_attempt(&lease, &attempt_error(1), Some(Utc::now()))
+            .await
+            .unwrap()
+            .is_applied()
+    );
+    let (_, second) = claim_one(&*store, LONG).await;
+    assert!(store.mark_executing(&second).await.unwrap().is_applied());
+    drop(store);
+    h.close_all().await;
+
+    let store = h.open().await;
+    let request = store
+        .get(&id)
+        .await
+        .unwrap()
+        .expect("request survived the reopen");
+    assert_eq!(request.attempts, 2);
+    assert_eq!(request.status, RequestStatus::Executing);
+    assert_eq!(request.errors.len(), 1);
+    assert_eq!(request.errors[0].attempt, 1);
+    assert_eq!(request.errors[0].message, "source timed out");
+    assert_eq!(
+        request.lease.as_ref().map(|l| &l.token),
+        Some(&second.token)
+    );
+    assert!(
+        store
+            .complete(&second, &results())
+            .await
+            .unwrap()
+            .is_applied()
+    );
+}
+
+pub async fn progress_never_decreases_within_an_attempt(h: &impl Harness) {
+    let store = h.open().await;
+    insert(&*store, "progress", Priority::Medium).await;
+    let (id, lease) = claim_one(&*store, LONG).await;
+    assert!(store.mark_executing(&lease).await.unwrap().is_applied());
+
+    let ahead = Progress::at_stage("extraction", 60).with_urls_found(7);
+    assert!(
+        store
+            .record_progress(&lease, &ahead)
+            .await
+            .unwrap()
+            .is_applied()
+    );
+    let behind = Progress::at_stage("aggregation", 30).with_content_extracted(12);
+    assert!(
+        store
+            .record_progress(&lease, &behind)
+            .await
+            .unwrap()
+            .is_applied()
+    );
+
+    let request = store.get(&id).await.unwrap().unwrap();
+    assert_eq!(request.progress.percentage, 60);
+    assert_eq!(
+        request.progress.current_stage.as_deref(),
+        Some("aggregation")
+    );
+    assert_eq!(request.progress.content_extracted, 12);
+
+    // A new attempt starts from zero.
+    assert!(
+        store
+            .fail_attempt(&lease, &attempt_error(1), Some(Utc::now()))
+            .await
+            .unwrap()
+            .is_applied()
+    );
+    let (_, second) = claim_one(&*store, LONG).await;
+    assert!(store.mark_executing(&second).await.unwrap().is_applied());
+    let request = store.get(&id).await.unwrap().unwrap();
+    assert_eq!(request.progress.percentage, 0);
+    assert!(
+        store
+            .record_progress(&second, &Progress::at_stage("discovery", 10))
+            .await
+            .unwrap()
+            .is_applied()
+    );
+    assert_eq!(
+        store.get(&id).await.unwrap().unwrap().progress.percentage,
+        10
+    );
+}
+
+pub async fn run_after_is_respected(h: &impl Harness) {
+    let store = h.open().await;
+    let later = Utc::now() + chrono::Duration::hours(1);
+    store
+        .insert(
+            new_request("later", Priority::High).with_run_after(later),
+            3,
+        )
+        .await
+        .unwrap();
+    insert(&*store, "now", Priority::Low).await;
+
+    let claimed = store.claim("w", 10, LONG).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].id.as_str(), "now");
+
+    // A retry scheduled in the future is not claimable either.
+    let lease = LeaseRef::of(&claimed[0]).unwrap();
+    assert!(
+        store
+            .fail_attempt(&lease, &attempt_error(1), Some(later))
+            .await
+            .unwrap()
+            .is_applied()
+    );
+    assert!(store.claim("w", 10, LONG).await.unwrap().is_empty());
+    let request = store.get(&claimed[0].id).await.unwrap().unwrap();
+    assert_eq!(request.status, RequestStatus::Pending);
+    assert_eq!(
+        request.run_after.timestamp_micros(),
+        later.timestamp_micros()
+    );
+}
+
+pub async fn release_returns_a_request_without_counting_the_attempt(h: &impl Harness) {
+    let store = h.open().await;
+    insert(&*store, "handed-back", Priority::Medium).await;
+    let (id, lease) = claim_one(&*store, LONG).await;
+    assert!(store.mark_executing(&lease).await.unwrap().is_applied());
+
+    assert!(
+        store
+            .release(&lease, "shutdown")
+            .await
+            .unwrap()
+            .is_applied()
+    );
+    let request = store.get(&id).await.unwrap().unwrap();
+    assert_eq!(request.status, RequestStatus::Pending);
+    assert_eq!(request.attempts, 0);
+    assert_eq!(request.lease, None);
+    assert!(request.errors.is_empty());
+
+    let (_, again) = claim_one(&*store, LONG).await;
+    assert_eq!(again.request_id, id);
+    assert_eq!(store.get(&id).await.unwrap().unwrap().attempts, 1);
+}
+
+pub async fn prune_removes_only_old_finished_requests(h: &impl Harness) {
+    let store = h.open().await;
+    insert(&*store, "completed", Priority::High).await;
+    insert(&*store, "failed", Priority::Medium).await;
+    insert(&*store, "cancelled", Priority::Low).await;
+    insert(&*store, "pending", Priority::Low).await;
+
+    let mut claimed = store.claim("w", 2, LONG).await.unwrap();
+    let failed = LeaseRef::of(&claimed.pop().unwrap()).unwrap();
+    let completed = LeaseRef::of(&claimed.pop().unwrap()).unwrap();
+    assert!(store.mark_executing(&completed).await.unwrap().is_applied());
+    assert!(
+        store
+            .complete(&completed, &results())
+            .await
+            .unwrap()
+            .is_applied()
+    );
+    assert!(
+        store
+            .fail_attempt(&failed, &attempt_error(1), None)
+            .await
+            .unwrap()
+            .is_applied()
+    );
+    let cancelled = RequestId::parse("cancelled").unwrap();
+    assert!(matches!(
+        store.cancel(&cancelled, "x").await.unwrap(),
+        CancelOutcome::Cancelled { .. }
+    ));
+
+    let an_hour_ago = Utc::now() - chrono::Duration::hours(1);
+    assert_eq!(store.prune_finished(an_hour_ago).await.unwrap(), 0);
+
+    let soon = Utc::now() + chrono::Duration::seconds(1);
+    assert_eq!(store.prune_finished(soon).await.unwrap(), 3);
+    let counts = store.count_by_status().await.unwrap();
+    assert_eq!(
+        counts.into_iter().collect::<Vec<_>>(),
+        [(RequestStatus::Pending, 1)]
+    );
+    assert!(store.get(&cancelled).await.unwrap().is_none());
+}
+
+pub async fn caller_given_id_makes_insert_idempotent(h: &impl Harness) {
+    let store = h.open().await;
+    let first = store
+        .insert(new_request("same-id", Priority::High), 3)
+        .await
+        .unwrap();
+    assert!(matches!(first, InsertOutcome::Inserted(_)));
+
+    let mut changed = new_request("same-id", Priority::Low);
+    changed.project_id = "another-project".into();
+    let second = store.insert(changed, 3).await.unwrap();
+    let InsertOutcome::Existing(existing) = second else {
+        panic!("the second insert must return the first request");
+    };
+    assert_eq!(existing.priority, Priority::High);
+    assert_eq!(existing.project_id, "project-a");
+    assert_eq!(existing.created_at, first.request().created_at);
+
+    let counts = store.count_by_status().await.unwrap();
+    assert_eq!(counts.get(&RequestStatus::Pending), Some(&1));
+}
+
+pub async fn list_filters_and_pages_newest_first(h: &impl Harness) {
+    let store = h.open().await;
+    for i in 0..7 {
+        let mut request = new_request(&format!("list-{i}"), Priority::Medium);
+        if i % 2 == 1 {
+            request.project_id = "project-b".into();
+        }
+        store.insert(request, 3).await.unwrap();
+        // Distinct creation times, so "newest first" has one right answer.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    store
+        .cancel(&RequestId::parse("list-6").unwrap(), "x")
+        .await
+        .unwrap();
+
+    let mut seen = Vec::new();
+    let mut filter = ListFilter::new().with_project("project-a").with_limit(2);
+    loop {
+        let page = store.list(&filter).await.unwrap();
+        assert!(page.requests.len() <= 2);
+        seen.extend(page.requests.iter().map(|r| r.id.to_string()));
+        match page.next {
+            Some(cursor) => {
+                // Cursors travel as text.
+                filter.after = Some(cursor.to_string().parse().unwrap());
+            }
+            None => break,
+        }
+    }
+    assert_eq!(seen, ["list-6", "list-4", "list-2", "list-0"]);
+
+    let cancelled = store
+        .list(&ListFilter::new().with_status(RequestStatus::Cancelled))
+        .await
+        .unwrap();
+    assert_eq!(cancelled.requests.len(), 1);
+    assert_eq!(cancelled.requests[0].id.as_str(), "list-6");
+    assert_eq!(cancelled.next, None);
+
+    let by_user = store
+        .list(&ListFilter::new().with_user("nobody"))
+        .await
+        .unwrap();
+    assert!(by_user.requests.is_empty());
+}
+
+pub async fn history_explains_every_transition(h: &impl Harness) {
+    let store = h.open().await;
+    insert(&*store, "history", Priority::Medium).await;
+    let (id, lease) = claim_one(&*store, LONG).await;
+    assert!(store.mark_executing(&lease).await.unwrap().is_applied());
+    assert!(
+        store
+            .fail_attempt(&lease, &attempt_error(1), Some(Utc::now()))
+            .await
+            .unwrap()
+            .is_applied()
+    );
+    let (_, lease) = claim_one(&*store, LONG).await;
+    assert!(store.mark_executing(&lease).await.unwrap().is_applied());
+    assert!(
+        store
+            .complete(&lease, &results())
+            .await
+            .unwrap()
+            .is_applied()
+    );
+
+    let request = store.get(&id).await.unwrap().unwrap();
+    let statuses: Vec<_> = request.history.iter().map(|c| c.status).collect();
+    use RequestStatus::*;
+    assert_eq!(
+        statuses,
+        [
+            Pending, Processing, Executing, Pending, Processing, Executing, Completed
+        ]
+    );
+    for pair in request.history.windows(2) {
+        assert!(pair[0].status.can_transition_to(pair[1].status));
+        assert!(pair[0].at <= pair[1].at);
+    }
+    assert_eq!(request.history[1].worker.as_deref(), Some("worker-test"));
+    assert!(request.history.iter().all(|c| !c.reason.is_empty()));
+}
+
+// ---------------------------------------------------------------------------------------
+// Random interleavings against a model of what each write must do.
+
+#[derive(Debug, Clone)]
+enum Op {
+    Insert,
+    Claim { expired: bool },
+    MarkExecuting { lease: usize },
+    Progress { lease: usize, percentage: u8 },
+    Complete { lease: usize },
+    Fail { lease: usize, retry: bool },
+    Release { lease: usize },
+    Cancel { request: usize },
+    Rescue,
+}
+
+fn op_strategy() -> impl proptest::strategy::Strategy<Value = Op> {
+    use proptest::prelude::*;
+    prop_oneof![
+        2 => Just(Op::Insert),
+        3 => any::<bool>().prop_map(|expired| Op::Claim { expired }),
+        3 => (0usize..8).prop_map(|lease| Op::MarkExecuting { lease }),
+        1 => (0usize..8, 0u8..=100).prop_map(|(lease, percentage)| Op::Progress { lease, percentage }),
+        2 => (0usize..8).prop_map(|lease| Op::Complete { lease }),
+        2 => (0usize..8, any::<bool>()).prop_map(|(lease, retry)| Op::Fail { lease, retry }),
+        1 => (0usize..8).prop_map(|lease| Op::Release { lease }),
+        1 => (0usize..8).prop_map(|request| Op::Cancel { request }),
+        1 => Just(Op::Rescue),
+    ]
+}
+
+/// Drives random sequences of claims, completions, failures, cancels, rescues and late
+/// writes (leases are reused long after they stopped being valid) and checks after each
+/// step that: a write is applied exactly when its lease is the current one and the status
+/// allows it; terminal statuses never change; every history step is in the transition
+/// table; leases exist exactly while in flight; results exist exactly when completed.
+pub fn random_interleavings_keep_the_state_machine<H: Harness>(make: impl Fn() -> H) {
+    use proptest::test_runner::{Config, TestRunner};
+
+    let cases = make().property_cases();
+    let mut runner = TestRunner::new(Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+
+    runner
+        .run(&proptest::collection::vec(op_strategy(), 1..40), |ops| {
+            let harness = make();
+            runtime.block_on(check_interleaving(&harness, &ops));
+            Ok(())
+        })
+        .unwrap();
+}
+
+async fn check_interleaving(h: &impl Harness, ops: &[Op]) {
+    let store = h.open().await;
+    let mut ids: Vec<RequestId> = Vec::new();
+    let mut leases: Vec<LeaseRef> = Vec::new();
+    let mut terminal: HashMap<RequestId, RequestStatus> = HashMap::new();
+
+    for op in ops {
+        let before: HashMap<RequestId, root_orchestrator::Request> = {
+            let mut map = HashMap::new();
+            for id in &ids {
+                if let Some(r) = store.get(id).await.unwrap() {
+                    map.insert(id.clone(), r);
+                }
+            }
+            map
+        };
+        // Whether `lease` is the live lease of a request in one of `statuses`.
+        let live = |lease: &LeaseRef, statuses: &[RequestStatus]| {
+            before.get(&lease.request_id).is_some_and(|r| {
+                statuses.contains(&r.status)
+                    && r.lease.as_ref().is_some_and(|l| l.token == lease.token)
+            })
+        };
+        let pick = |i: usize| leases.get(i % leases.len().max(1)).cloned();
+
+        match op {
+            Op::Insert => {
+                let id = format!("p-{}", ids.len());
+                let outcome = store
+                    .insert(new_request(&id, Priority::Medium).with_max_attempts(2), 2)
+                    .await
+                    .unwrap();
+                ids.push(outcome.into_request().id);
+            }
+            Op::Claim { expired } => {
+                let lease = if *expired { Duration::ZERO } else { LONG };
+                for r in store.claim("w", 1, lease).await.unwrap() {
+                    assert_eq!(r.status, RequestStatus::Processing);
+                    assert_eq!(before[&r.id].status, RequestStatus::Pending);
+                    assert_eq!(r.attempts, before[&r.id].attempts + 1);
+                    leases.push(LeaseRef::of(&r).unwrap());
+                }
+            }
+            Op::MarkExecuting { lease } => {
+                if let Some(lease) = pick(*lease) {
+                    let expect = live(&lease, &[RequestStatus::Processing]);
+                    let got = store.mark_executing(&lease).await.unwrap();
+                    assert_eq!(got.is_applied(), expect, "mark_executing {lease:?}");
+                }
+            }
+            Op::Progress { lease, percentage } => {
+                if let Some(lease) = pick(*lease) {
+                    let expect = live(&lease, &[RequestStatus::Executing]);
+                    let progress = Progress::at_stage("s", *percentage);
+                    let got = store.record_progress(&lease, &progress).await.unwrap();
+                    assert_eq!(got.is_applied(), expect, "record_progress {lease:?}");
+                    if expect {
+                        let now = store.get(&lease.request_id).await.unwrap().unwrap();
+                        let old = before[&lease.request_id].progress.percentage;
+                        assert_eq!(now.progress.percentage, old.max(*percentage));
+                    }
+                }
+            }
+            Op::Complete { lease } => {
+                if let Some(lease) = pick(*lease) {
+                    let expect = live(&lease, &[RequestStatus::Executing]);
+                    let got = store.complete(&lease, &results()).await.unwrap();
+                    assert_eq!(got.is_applied(), expect, "complete {lease:?}");
+                }
+            }
+            Op::Fail { lease, retry } => {
+                if let Some(lease) = pick(*lease) {
+                    let expect = live(&lease, &RequestStatus::IN_FLIGHT);
+                    let retry_at = retry.then(Utc::now);
+                    let got = store
+                        .fail_attempt(&lease, &attempt_error(1), retry_at)
+                        .await
+                        .unwrap();
+                    assert_eq!(got.is_applied(), expect, "fail_attempt {lease:?}");
+                }
+            }
+            Op::Release { lease } => {
+                if let Some(lease) = pick(*lease) {
+                    let expect = live(&lease, &RequestStatus::IN_FLIGHT);
+                    let got = store.release(&lease, "shutdown").await.unwrap();
+                    assert_eq!(got.is_applied(), expect, "release {lease:?}");
+                }
+            }
+            Op::Cancel { request } => {
+                if let Some(id) = ids.get(request % ids.len().max(1)) {
+                    let was = before[id].status;
+                    let got = store.cancel(id, "x").await.unwrap();
+                    if was.is_terminal() {
+                        assert_eq!(got, CancelOutcome::AlreadyTerminal(was));
+                    } else {
+                        assert_eq!(got, CancelOutcome::Cancelled { previous: was });
+                    }
+                }
+            }
+            Op::Rescue => {
+                for r in store.rescue_expired().await.unwrap() {
+                    let was = &before[&r.request_id];
+                    assert!(was.status.is_in_flight());
+                    let expected = if was.attempts >= was.max_attempts {
+                        RequestStatus::Failed
+                    } else {
+                        RequestStatus::Pending
+                    };
+                    assert_eq!(r.status, expected);
+                }
+            }
+        }
+
+        for id in &ids {
+            let r = store.get(id).await.unwrap().unwrap();
+            if let Some(done) = terminal.get(id) {
+                assert_eq!(r.status, *done, "{id} left a terminal status");
+            }
+            if r.status.is_terminal() {
+                terminal.insert(id.clone(), r.status);
+                assert!(r.completed_at.is_some());
+            }
+            assert_eq!(
+                r.lease.is_some(),
+                r.status.is_in_flight(),
+                "{id}: lease vs status"
+            );
+            assert_eq!(
+                r.results.is_some(),
+                r.status == RequestStatus::Completed,
+                "{id}: results vs status"
+            );
+            assert!(
+                r.attempts <= r.max_attempts,
+                "{id}: attempts over the limit"
+            );
+            assert_eq!(
+                r.history.first().map(|c| c.status),
+                Some(RequestStatus::Pending)
+            );
+            assert_eq!(r.history.last().map(|c| c.status), Some(r.status));
+            for pair in r.history.windows(2) {
+                assert!(
+                    pair[0].status.can_transition_to(pair[1].status),
+                    "{id}: {} -> {} is not in the transition table",
+                    pair[0].status,
+                    pair[1].status
+                );
+            }
+        }
+    }
+    drop(store);
+    h.close_all().await;
+}
