@@ -20,6 +20,7 @@
 //! |---|---|---|
 //! | `table` | yes | [`TableStrategy`]: workers that claim requests from a store |
 //! | `sqlite` | yes | [`SqliteStore`]: an embedded SQLite file (WAL), migrations included |
+//! | `postgres` | no | `PostgresStore`: one PostgreSQL database shared by many worker processes |
 //! | `mock` | no | `mock::*`: mockall mocks of the core traits for host tests |
 //!
 //! [`MemoryStore`] is always available.
@@ -64,8 +65,10 @@ pub use status::RequestStatus;
 pub use store::SqliteStore;
 pub use store::{
     CancelOutcome, InsertOutcome, LeaseRef, ListCursor, ListFilter, MemoryStore, RequestPage,
-    RequestStore, RescuedRequest, WriteOutcome,
+    RequestStore, RescuedRequest, StoreEvent, StoreEvents, WriteOutcome,
 };
+#[cfg(feature = "postgres")]
+pub use store::{PostgresStore, PostgresStoreOptions};
 pub use strategy::ProcessingStrategy;
 #[cfg(feature = "table")]
 pub use strategy::TableStrategy;
@@ -95,3 +98,8 @@ pub mod mock {
     pub use crate::store::MockRequestStore;
     pub use crate::strategy::MockProcessingStrategy;
 }
+
+/// The README's examples, compiled and run as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -125,7 +125,8 @@ impl RequestStatus {
 
 impl fmt::Display for RequestStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        // `pad` honours width and alignment, so statuses line up in tables.
+        f.pad(self.as_str())
     }
 }
 

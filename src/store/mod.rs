@@ -20,10 +20,15 @@ use crate::model::{
 use crate::status::RequestStatus;
 
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
+mod row;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
 pub use memory::MemoryStore;
+#[cfg(feature = "postgres")]
+pub use postgres::{PostgresStore, PostgresStoreOptions};
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;
 
@@ -280,6 +285,21 @@ impl RequestPage {
     }
 }
 
+/// A push notification from a store whose database has them (PostgreSQL's LISTEN/NOTIFY).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreEvent {
+    /// A request became claimable somewhere (submitted, retried, rescued, handed back).
+    WorkAvailable,
+    /// A running request was cancelled, possibly by another process.
+    Cancelled(RequestId),
+    /// The notification channel was lost and is back; notifications may have been missed.
+    Reconnected,
+}
+
+/// A stream of [`StoreEvent`]s, as [`RequestStore::subscribe`] returns it.
+pub type StoreEvents = futures::stream::BoxStream<'static, StoreEvent>;
+
 /// Durable record of every request.
 ///
 /// Implementations must make each method atomic, and every write that changes status,
@@ -358,6 +378,15 @@ pub trait RequestStore: Send + Sync + 'static {
 
     /// Succeeds when the store can be reached.
     async fn ping(&self) -> Result<()>;
+
+    /// Push notifications of new work and remote cancels, for stores whose database has
+    /// them; `None` (the default) where workers must rely on polling and heartbeats.
+    ///
+    /// The stream keeps itself connected: after a lost connection it reconnects and
+    /// yields [`StoreEvent::Reconnected`].
+    fn subscribe(&self) -> Option<StoreEvents> {
+        None
+    }
 }
 
 /// The store's clock: now, at the microsecond precision every backend can keep.

@@ -2,7 +2,6 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -13,15 +12,13 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, migrate::Migrator};
 
+use super::row::{StoredRow, history_entry, to_json, unreadable};
 use super::{
     CancelOutcome, InsertOutcome, LeaseRef, ListFilter, RequestPage, RequestStore, RescuedRequest,
     WriteOutcome, after, expired_lease_message, now,
 };
 use crate::error::{Error, Result};
-use crate::model::{
-    AttemptError, Lease, NewRequest, Priority, Progress, Request, RequestId, RequestResults,
-    RequestType, StatusChange,
-};
+use crate::model::{AttemptError, NewRequest, Progress, Request, RequestId, RequestResults};
 use crate::status::RequestStatus;
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -64,7 +61,8 @@ impl SqliteStore {
     /// Connections opened at most by [`open`](Self::open).
     pub const DEFAULT_MAX_CONNECTIONS: u32 = 4;
 
-    /// Opens (creating if needed) the database file at `path` and migrates it.
+    /// Opens the database file at `path`, creating it and its folder if needed, and
+    /// migrates it.
     ///
     /// # Errors
     ///
@@ -80,6 +78,10 @@ impl SqliteStore {
     ///
     /// As [`open`](Self::open).
     pub async fn open_with(path: impl AsRef<Path>, max_connections: u32) -> Result<Self> {
+        let path = path.as_ref();
+        if let Some(folder) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(folder).map_err(|e| Error::store("open", e))?;
+        }
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -167,97 +169,49 @@ fn from_micros(id: &str, field: &'static str, value: i64) -> Result<DateTime<Utc
         })
 }
 
-fn to_json<T: serde::Serialize>(value: &T) -> String {
-    // The model's types serialize infallibly: string keys, no non-finite floats reach here
-    // (validation refuses them), so this cannot fail.
-    serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())
-}
-
-fn history_entry(status: RequestStatus, worker: Option<&str>, reason: &str) -> String {
-    to_json(&StatusChange {
-        status,
-        at: now(),
-        worker: worker.map(str::to_owned),
-        reason: reason.to_owned(),
-    })
-}
-
 fn request_from_row(row: &SqliteRow) -> Result<Request> {
     let id: String = column(row, "", "id")?;
-    let get_i64 = |field: &'static str| column::<i64>(row, &id, field);
-    let get_opt_i64 = |field: &'static str| column::<Option<i64>>(row, &id, field);
-    let json = |field: &'static str| -> Result<String> { column(row, &id, field) };
-    let corrupt = |field: &'static str, e: serde_json::Error| Error::CorruptRecord {
-        request_id: id.clone(),
-        field,
-        problem: e.to_string(),
-    };
-    let time = |field: &'static str| from_micros(&id, field, get_i64(field)?);
+    let time = |field: &'static str| from_micros(&id, field, column(row, &id, field)?);
     let opt_time = |field: &'static str| {
-        get_opt_i64(field)?
+        column::<Option<i64>>(row, &id, field)?
             .map(|v| from_micros(&id, field, v))
             .transpose()
     };
 
-    let priority_rank = get_i64("priority")?;
-    let priority = Priority::from_rank(priority_rank).ok_or_else(|| Error::CorruptRecord {
-        request_id: id.clone(),
-        field: "priority",
-        problem: format!("{priority_rank} is not a priority rank"),
-    })?;
-    let status: String = column(row, &id, "status")?;
-    let results: Option<String> = column(row, &id, "results")?;
-    let lease_token: Option<String> = column(row, &id, "lease_token")?;
-    let lease = match lease_token {
-        Some(token) => Some(Lease {
-            owner: column::<Option<String>>(row, &id, "lease_owner")?.unwrap_or_default(),
-            token,
-            expires_at: opt_time("lease_expires_at")?.unwrap_or(DateTime::<Utc>::MIN_UTC),
-        }),
-        None => None,
-    };
-
-    Ok(Request {
-        id: RequestId::from_stored(id.clone()),
+    StoredRow {
         project_id: column(row, &id, "project_id")?,
         user_id: column(row, &id, "user_id")?,
-        request_type: RequestType::from_stored(column(row, &id, "request_type")?),
-        priority,
-        configuration: serde_json::from_str(&json("configuration")?)
-            .map_err(|e| corrupt("configuration", e))?,
-        status: RequestStatus::from_str(&status)?,
-        progress: Progress {
-            current_stage: column(row, &id, "progress_stage")?,
-            percentage: get_i64("progress_percentage")?.clamp(0, 100) as u8,
-            urls_found: get_i64("urls_found")?.max(0) as u64,
-            content_extracted: get_i64("content_extracted")?.max(0) as u64,
-            estimated_completion: opt_time("estimated_completion")?,
-        },
-        results: results
-            .map(|r| serde_json::from_str(&r))
-            .transpose()
-            .map_err(|e| corrupt("results", e))?,
-        errors: serde_json::from_str(&json("errors")?).map_err(|e| corrupt("errors", e))?,
-        history: serde_json::from_str(&json("history")?).map_err(|e| corrupt("history", e))?,
-        attempts: get_i64("attempts")?.max(0) as u32,
-        max_attempts: get_i64("max_attempts")?.max(1) as u32,
+        request_type: column(row, &id, "request_type")?,
+        priority: column(row, &id, "priority")?,
+        configuration: column(row, &id, "configuration")?,
+        status: column(row, &id, "status")?,
+        progress_stage: column(row, &id, "progress_stage")?,
+        progress_percentage: column(row, &id, "progress_percentage")?,
+        urls_found: column(row, &id, "urls_found")?,
+        content_extracted: column(row, &id, "content_extracted")?,
+        estimated_completion: opt_time("estimated_completion")?,
+        results: column(row, &id, "results")?,
+        errors: column(row, &id, "errors")?,
+        history: column(row, &id, "history")?,
+        attempts: column(row, &id, "attempts")?,
+        max_attempts: column(row, &id, "max_attempts")?,
         created_at: time("created_at")?,
         started_at: opt_time("started_at")?,
         completed_at: opt_time("completed_at")?,
         run_after: time("run_after")?,
-        lease,
-    })
+        lease_owner: column(row, &id, "lease_owner")?,
+        lease_token: column(row, &id, "lease_token")?,
+        lease_expires_at: opt_time("lease_expires_at")?,
+        id: id.clone(),
+    }
+    .into_request()
 }
 
 fn column<'r, T>(row: &'r SqliteRow, id: &str, field: &'static str) -> Result<T>
 where
     T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
 {
-    row.try_get(field).map_err(|e| Error::CorruptRecord {
-        request_id: id.to_owned(),
-        field,
-        problem: e.to_string(),
-    })
+    row.try_get(field).map_err(|e| unreadable(id, field, e))
 }
 
 #[async_trait]

@@ -16,7 +16,7 @@ use crate::error::Result;
 use crate::executor::ExecutorRegistry;
 use crate::model::{NewRequest, Request, RequestId};
 use crate::status::RequestStatus;
-use crate::store::{CancelOutcome, InsertOutcome, RequestStore, now};
+use crate::store::{CancelOutcome, InsertOutcome, RequestStore, StoreEvent, now};
 
 const STRATEGY: &str = "table";
 
@@ -155,10 +155,42 @@ impl Inner {
         }
     }
 
+    /// Turns the store's push notifications into wake-ups and cancels, until `stop`.
+    async fn follow_events(
+        self: Arc<Self>,
+        mut events: crate::store::StoreEvents,
+        stop: CancellationToken,
+    ) {
+        use futures::StreamExt;
+
+        loop {
+            let event = tokio::select! {
+                _ = stop.cancelled() => return,
+                event = events.next() => event,
+            };
+            match event {
+                Some(StoreEvent::Cancelled(id)) => {
+                    if let Some(token) = self.running().get(&id) {
+                        tracing::info!(request_id = %id, "cancelled elsewhere; stopping its executor");
+                        token.cancel();
+                    }
+                }
+                // After a reconnect, notifications may have been missed: look for work.
+                Some(_) => self.wake.notify_one(),
+                None => return,
+            }
+        }
+    }
+
     /// The rescuer and the pruner, until `stop`.
     async fn maintain(self: Arc<Self>, stop: CancellationToken) {
         let mut rescue_tick = tokio::time::interval(self.config.polling_interval);
-        let mut prune_tick = tokio::time::interval(self.config.prune_interval);
+        // Pruning waits one interval: a host that has just started has better things to do,
+        // and counts it reads right after start stay put.
+        let mut prune_tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + self.config.prune_interval,
+            self.config.prune_interval,
+        );
         rescue_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         prune_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -234,6 +266,14 @@ impl ProcessingStrategy for TableStrategy {
                 .maintain(maintenance_stop.clone())
                 .instrument(span.clone()),
         );
+        let events = inner.store.subscribe().map(|events| {
+            tokio::spawn(
+                inner
+                    .clone()
+                    .follow_events(events, maintenance_stop.clone())
+                    .instrument(span.clone()),
+            )
+        });
         let mut attempts = JoinSet::new();
         tracing::info!(
             parent: &span,
@@ -317,6 +357,9 @@ impl ProcessingStrategy for TableStrategy {
 
         maintenance_stop.cancel();
         let _ = maintenance.await;
+        if let Some(events) = events {
+            let _ = events.await;
+        }
         tracing::info!(parent: &span, "workers stopped");
         Ok(())
     }

@@ -30,6 +30,9 @@ pub trait Harness: Send + Sync + 'static {
     /// "reopen" is another handle on the same map).
     fn durable(&self) -> bool;
 
+    /// Releases what the harness created (a database schema, say) once a test is done.
+    async fn finish(&self) {}
+
     /// Cases for the state-machine property test (fewer for slow backends).
     fn property_cases(&self) -> u32 {
         64
@@ -70,7 +73,9 @@ macro_rules! store_suite {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn $name() {
-                conformance::$name(&$make).await;
+                let harness = $make;
+                conformance::$name(&harness).await;
+                conformance::Harness::finish(&harness).await;
             }
         )*
     };
@@ -1010,4 +1015,5 @@ async fn check_interleaving(h: &impl Harness, ops: &[Op]) {
     }
     drop(store);
     h.close_all().await;
+    h.finish().await;
 }

@@ -1,0 +1,791 @@
+//! A [`RequestStore`] on PostgreSQL: worker processes on many machines share one database.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Row, migrate::Migrator};
+use tokio::sync::mpsc;
+
+use super::row::{StoredRow, history_entry, to_json, unreadable};
+use super::{
+    CancelOutcome, InsertOutcome, LeaseRef, ListFilter, RequestPage, RequestStore, RescuedRequest,
+    StoreEvent, StoreEvents, WriteOutcome, expired_lease_message, now,
+};
+use crate::error::{Error, Result};
+use crate::model::{AttemptError, NewRequest, Progress, Request, RequestId, RequestResults};
+use crate::status::RequestStatus;
+
+static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
+
+/// Columns every query that returns requests selects, in this order; JSON columns come
+/// back as text so that one parser serves every SQL backend.
+macro_rules! columns {
+    () => {
+        "id, project_id, user_id, request_type, priority, \
+         configuration::text AS configuration, status, progress_stage, progress_percentage, \
+         urls_found, content_extracted, estimated_completion, results::text AS results, \
+         errors::text AS errors, history::text AS history, attempts, max_attempts, \
+         created_at, started_at, completed_at, run_after, lease_owner, lease_token, \
+         lease_expires_at"
+    };
+}
+
+/// How [`PostgresStore::connect_with`] connects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PostgresStoreOptions {
+    /// Connections the pool opens at most, the notification listener's included (it holds
+    /// one for as long as workers run). Default 10; at least 2.
+    pub max_connections: u32,
+    /// How long a query waits for a free connection before failing. Default 5 s.
+    pub acquire_timeout: Duration,
+    /// The schema holding the tables, created if missing; the connection's default
+    /// (`public`) when `None`. Letters, digits and `_` only.
+    pub schema: Option<String>,
+    /// `application_name` of every connection, as shown in `pg_stat_activity`.
+    pub application_name: String,
+}
+
+impl Default for PostgresStoreOptions {
+    fn default() -> Self {
+        PostgresStoreOptions {
+            max_connections: 10,
+            acquire_timeout: Duration::from_secs(5),
+            schema: None,
+            application_name: "root-orchestrator".to_owned(),
+        }
+    }
+}
+
+/// Requests in a PostgreSQL table.
+///
+/// - Claims take many rows in one statement with `FOR UPDATE SKIP LOCKED`, so any number
+///   of worker processes share the table without ever receiving the same request.
+/// - Timestamps that leases depend on come from the database's clock, so workers on
+///   machines whose clocks disagree still agree on when a lease expires.
+/// - [`subscribe`](RequestStore::subscribe) turns `LISTEN/NOTIFY` into wake-ups for idle
+///   workers and cancels for running requests, reconnecting by itself.
+/// - Migrations are applied on connect under an advisory lock, so processes starting
+///   together migrate once.
+///
+/// # Examples
+///
+/// ```no_run
+/// use root_orchestrator::{PostgresStore, PostgresStoreOptions};
+///
+/// # async fn connect() -> root_orchestrator::Result<()> {
+/// let mut options = PostgresStoreOptions::default();
+/// options.max_connections = 20;
+/// let store = PostgresStore::connect_with("postgres://localhost/orchestrator", options).await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+    channel: String,
+}
+
+impl PostgresStore {
+    /// Connects to `url` with the default options and migrates the database.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Store`] when the server cannot be reached, [`Error::Migration`] when the
+    /// schema cannot be brought up to date.
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::connect_with(url, PostgresStoreOptions::default()).await
+    }
+
+    /// Connects to `url` with `options` and migrates the database.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] for a bad option, [`Error::Store`] when the server cannot be
+    /// reached, [`Error::Migration`] when the schema cannot be brought up to date.
+    pub async fn connect_with(url: &str, options: PostgresStoreOptions) -> Result<Self> {
+        if options.max_connections < 2 {
+            return Err(Error::InvalidConfig {
+                name: "max_connections".into(),
+                value: options.max_connections.to_string(),
+                expected: "at least 2 (one is held by the notification listener)".into(),
+            });
+        }
+        let mut connect: PgConnectOptions = url.parse().map_err(|e| Error::InvalidConfig {
+            name: "url".into(),
+            value: redact(url),
+            expected: format!("a PostgreSQL connection URL ({e})"),
+        })?;
+        connect = connect.application_name(&options.application_name);
+        if let Some(schema) = &options.schema {
+            check_schema_name(schema)?;
+            connect = connect.options([("search_path", schema.as_str())]);
+        }
+
+        let pool = PgPoolOptions::new()
+            .max_connections(options.max_connections)
+            .acquire_timeout(options.acquire_timeout)
+            .connect_with(connect)
+            .await
+            .map_err(|e| Error::store("connect", e))?;
+        if let Some(schema) = &options.schema {
+            create_schema(&pool, schema)
+                .await
+                .map_err(|e| Error::store("connect", e))?;
+        }
+        Self::from_pool(pool).await
+    }
+
+    /// Uses an existing pool (at least 2 connections), migrating its database first.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Migration`] when the schema cannot be brought up to date.
+    pub async fn from_pool(pool: PgPool) -> Result<Self> {
+        MIGRATOR.run(&pool).await.map_err(|e| Error::Migration {
+            source: Box::new(e),
+        })?;
+        let schema: String = sqlx::query_scalar("SELECT current_schema()")
+            .fetch_one(&pool)
+            .await
+            .map_err(|e| Error::store("connect", e))?;
+        Ok(PostgresStore {
+            pool,
+            channel: format!("root_orchestrator:{schema}"),
+        })
+    }
+
+    /// The underlying connection pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Closes every connection; later calls fail.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn outcome(
+        &self,
+        operation: &'static str,
+        rows: u64,
+        id: &RequestId,
+    ) -> Result<WriteOutcome> {
+        if rows > 0 {
+            return Ok(WriteOutcome::Applied);
+        }
+        let current: Option<String> =
+            sqlx::query_scalar("SELECT status FROM requests WHERE id = $1")
+                .bind(id.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| Error::store(operation, e))?;
+        let current = current.map(|s| s.parse()).transpose()?;
+        Ok(WriteOutcome::Rejected { current })
+    }
+}
+
+/// Creates `schema` if it is missing. `IF NOT EXISTS` alone still fails when two processes
+/// create the same schema at once, so creation is serialised by an advisory lock.
+async fn create_schema(pool: &PgPool, schema: &str) -> std::result::Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('root_orchestrator:create_schema'))")
+        .execute(&mut *tx)
+        .await?;
+    // The name was checked to be a plain identifier, so quoting it is enough.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE SCHEMA IF NOT EXISTS \"{schema}\""
+    )))
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await
+}
+
+fn check_schema_name(schema: &str) -> Result<()> {
+    let plain = !schema.is_empty()
+        && schema.len() <= 63
+        && schema
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !schema.starts_with(|c: char| c.is_ascii_digit());
+    if plain {
+        return Ok(());
+    }
+    Err(Error::InvalidConfig {
+        name: "schema".into(),
+        value: schema.to_owned(),
+        expected: "1 to 63 ASCII letters, digits or _, not starting with a digit".into(),
+    })
+}
+
+/// The URL without its password, for error messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+fn seconds(duration: Duration) -> f64 {
+    duration.as_secs_f64()
+}
+
+fn request_from_row(row: &PgRow) -> Result<Request> {
+    let id: String = column(row, "", "id")?;
+    StoredRow {
+        project_id: column(row, &id, "project_id")?,
+        user_id: column(row, &id, "user_id")?,
+        request_type: column(row, &id, "request_type")?,
+        priority: i64::from(column::<i16>(row, &id, "priority")?),
+        configuration: column(row, &id, "configuration")?,
+        status: column(row, &id, "status")?,
+        progress_stage: column(row, &id, "progress_stage")?,
+        progress_percentage: i64::from(column::<i16>(row, &id, "progress_percentage")?),
+        urls_found: column(row, &id, "urls_found")?,
+        content_extracted: column(row, &id, "content_extracted")?,
+        estimated_completion: column(row, &id, "estimated_completion")?,
+        results: column(row, &id, "results")?,
+        errors: column(row, &id, "errors")?,
+        history: column(row, &id, "history")?,
+        attempts: i64::from(column::<i32>(row, &id, "attempts")?),
+        max_attempts: i64::from(column::<i32>(row, &id, "max_attempts")?),
+        created_at: column(row, &id, "created_at")?,
+        started_at: column(row, &id, "started_at")?,
+        completed_at: column(row, &id, "completed_at")?,
+        run_after: column(row, &id, "run_after")?,
+        lease_owner: column(row, &id, "lease_owner")?,
+        lease_token: column(row, &id, "lease_token")?,
+        lease_expires_at: column(row, &id, "lease_expires_at")?,
+        id: id.clone(),
+    }
+    .into_request()
+}
+
+fn column<'r, T>(row: &'r PgRow, id: &str, field: &'static str) -> Result<T>
+where
+    T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+{
+    row.try_get(field).map_err(|e| unreadable(id, field, e))
+}
+
+#[async_trait]
+impl RequestStore for PostgresStore {
+    async fn insert(&self, new: NewRequest, max_attempts: u32) -> Result<InsertOutcome> {
+        let id = new.request_id.clone().unwrap_or_else(RequestId::generate);
+
+        // ON CONFLICT DO NOTHING makes a repeated caller-given id a no-op, atomically,
+        // even when two submits of the same id race from different processes.
+        let inserted = sqlx::query(concat!(
+            "INSERT INTO requests (id, project_id, user_id, request_type, priority, \
+             configuration, status, history, max_attempts, created_at, run_after) \
+             VALUES ($1, $2, $3, $4, $5, $6::jsonb, 'PENDING', jsonb_build_array($7::jsonb), \
+             $8, now(), COALESCE($9, now())) \
+             ON CONFLICT (id) DO NOTHING RETURNING ",
+            columns!()
+        ))
+        .bind(id.as_str())
+        .bind(&new.project_id)
+        .bind(&new.user_id)
+        .bind(new.request_type.as_str())
+        .bind(new.priority.rank() as i16)
+        .bind(to_json(&new.configuration))
+        .bind(history_entry(RequestStatus::Pending, None, "submitted"))
+        .bind(new.max_attempts.unwrap_or(max_attempts) as i32)
+        .bind(new.run_after)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| Error::store("insert", e))?;
+
+        if let Some(row) = inserted {
+            return Ok(InsertOutcome::Inserted(request_from_row(&row)?));
+        }
+        match self.get(&id).await? {
+            Some(existing) => Ok(InsertOutcome::Existing(existing)),
+            // The conflicting row was pruned between the two statements: store it anew.
+            None => Box::pin(self.insert(new, max_attempts)).await,
+        }
+    }
+
+    async fn get(&self, id: &RequestId) -> Result<Option<Request>> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM requests WHERE id = $1"
+        ))
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| Error::store("get", e))?;
+        row.as_ref().map(request_from_row).transpose()
+    }
+
+    async fn list(&self, filter: &ListFilter) -> Result<RequestPage> {
+        let mut query = sqlx::QueryBuilder::<sqlx::Postgres>::new(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM requests WHERE TRUE"
+        ));
+        if let Some(status) = filter.status {
+            query.push(" AND status = ").push_bind(status.as_str());
+        }
+        if let Some(project_id) = &filter.project_id {
+            query
+                .push(" AND project_id = ")
+                .push_bind(project_id.clone());
+        }
+        if let Some(user_id) = &filter.user_id {
+            query.push(" AND user_id = ").push_bind(user_id.clone());
+        }
+        if let Some(request_type) = &filter.request_type {
+            query
+                .push(" AND request_type = ")
+                .push_bind(request_type.as_str().to_owned());
+        }
+        if let Some(cursor) = &filter.after {
+            query
+                .push(" AND (created_at, id) < (")
+                .push_bind(cursor.created_at)
+                .push(", ")
+                .push_bind(cursor.request_id.as_str().to_owned())
+                .push(")");
+        }
+        let limit = filter.effective_limit();
+        query
+            .push(" ORDER BY created_at DESC, id DESC LIMIT ")
+            .push_bind((limit + 1) as i64);
+
+        let rows = query
+            .build()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| Error::store("list", e))?;
+        let rows = rows.iter().map(request_from_row).collect::<Result<_>>()?;
+        Ok(RequestPage::from_rows(rows, limit))
+    }
+
+    async fn claim(
+        &self,
+        owner: &str,
+        limit: usize,
+        lease_duration: Duration,
+    ) -> Result<Vec<Request>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+
+        // Lock the next pending rows, skipping rows other claimers hold, and take them in
+        // the same statement: no two claimers, in any process, can get the same request.
+        let rows = sqlx::query(concat!(
+            "WITH next AS MATERIALIZED ( \
+                 SELECT seq AS claimed_seq FROM requests \
+                 WHERE status = 'PENDING' AND run_after <= now() \
+                 ORDER BY priority, created_at, seq \
+                 LIMIT $1 FOR UPDATE SKIP LOCKED) \
+             UPDATE requests SET status = 'PROCESSING', attempts = attempts + 1, \
+                 started_at = now(), progress_stage = NULL, progress_percentage = 0, \
+                 urls_found = 0, content_extracted = 0, estimated_completion = NULL, \
+                 lease_owner = $2, lease_token = replace(gen_random_uuid()::text, '-', ''), \
+                 lease_expires_at = now() + make_interval(secs => $3), \
+                 history = history || jsonb_build_array($4::jsonb) \
+             FROM next WHERE seq = next.claimed_seq \
+             RETURNING seq, ",
+            columns!()
+        ))
+        .bind(limit as i64)
+        .bind(owner)
+        .bind(seconds(lease_duration))
+        .bind(history_entry(
+            RequestStatus::Processing,
+            Some(owner),
+            "claimed",
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| Error::store("claim", e))?;
+
+        // RETURNING does not keep the CTE's order; restore claim order.
+        let mut claimed = rows
+            .iter()
+            .map(|row| Ok((column::<i64>(row, "", "seq")?, request_from_row(row)?)))
+            .collect::<Result<Vec<_>>>()?;
+        claimed.sort_by_key(|(seq, r)| (r.priority.rank(), r.created_at, *seq));
+        Ok(claimed.into_iter().map(|(_, r)| r).collect())
+    }
+
+    async fn mark_executing(&self, lease: &LeaseRef) -> Result<WriteOutcome> {
+        let rows = sqlx::query(
+            "UPDATE requests SET status = 'EXECUTING', \
+                 history = history || jsonb_build_array($1::jsonb) \
+             WHERE id = $2 AND lease_token = $3 AND status = 'PROCESSING'",
+        )
+        .bind(history_entry(
+            RequestStatus::Executing,
+            Some(&lease.owner),
+            "executor started",
+        ))
+        .bind(lease.request_id.as_str())
+        .bind(&lease.token)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| Error::store("mark_executing", e))?
+        .rows_affected();
+        self.outcome("mark_executing", rows, &lease.request_id)
+            .await
+    }
+
+    async fn record_progress(&self, lease: &LeaseRef, progress: &Progress) -> Result<WriteOutcome> {
+        let rows = sqlx::query(
+            "UPDATE requests SET progress_stage = $1, \
+                 progress_percentage = GREATEST(progress_percentage, $2), \
+                 urls_found = $3, content_extracted = $4, estimated_completion = $5 \
+             WHERE id = $6 AND lease_token = $7 AND status = 'EXECUTING'",
+        )
+        .bind(progress.current_stage.as_deref())
+        .bind(i16::from(progress.percentage.min(100)))
+        .bind(i64::try_from(progress.urls_found).unwrap_or(i64::MAX))
+        .bind(i64::try_from(progress.content_extracted).unwrap_or(i64::MAX))
+        .bind(progress.estimated_completion)
+        .bind(lease.request_id.as_str())
+        .bind(&lease.token)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| Error::store("record_progress", e))?
+        .rows_affected();
+        self.outcome("record_progress", rows, &lease.request_id)
+            .await
+    }
+
+    async fn extend_lease(
+        &self,
+        lease: &LeaseRef,
+        lease_duration: Duration,
+    ) -> Result<WriteOutcome> {
+        let rows = sqlx::query(
+            "UPDATE requests SET lease_expires_at = now() + make_interval(secs => $1) \
+             WHERE id = $2 AND lease_token = $3 AND status IN ('PROCESSING', 'EXECUTING')",
+        )
+        .bind(seconds(lease_duration))
+        .bind(lease.request_id.as_str())
+        .bind(&lease.token)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| Error::store("extend_lease", e))?
+        .rows_affected();
+        self.outcome("extend_lease", rows, &lease.request_id).await
+    }
+
+    async fn complete(&self, lease: &LeaseRef, results: &RequestResults) -> Result<WriteOutcome> {
+        let rows = sqlx::query(
+            "UPDATE requests SET status = 'COMPLETED', results = $1::jsonb, \
+                 completed_at = now(), progress_percentage = 100, lease_owner = NULL, \
+                 lease_token = NULL, lease_expires_at = NULL, \
+                 history = history || jsonb_build_array($2::jsonb) \
+             WHERE id = $3 AND lease_token = $4 AND status = 'EXECUTING'",
+        )
+        .bind(to_json(results))
+        .bind(history_entry(
+            RequestStatus::Completed,
+            Some(&lease.owner),
+            "workflow completed",
+        ))
+        .bind(lease.request_id.as_str())
+        .bind(&lease.token)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| Error::store("complete", e))?
+        .rows_affected();
+        self.outcome("complete", rows, &lease.request_id).await
+    }
+
+    async fn fail_attempt(
+        &self,
+        lease: &LeaseRef,
+        error: &AttemptError,
+        retry_at: Option<DateTime<Utc>>,
+    ) -> Result<WriteOutcome> {
+        // Whether the request goes back to PENDING is decided in the statement, from the
+        // attempts it actually has: a retry is only ever scheduled while attempts remain.
+        let rows = sqlx::query(
+            "UPDATE requests SET \
+                 status = CASE WHEN $1 AND attempts < max_attempts \
+                     THEN 'PENDING' ELSE 'FAILED' END, \
+                 run_after = CASE WHEN $1 AND attempts < max_attempts \
+                     THEN $2 ELSE run_after END, \
+                 completed_at = CASE WHEN $1 AND attempts < max_attempts \
+                     THEN NULL ELSE now() END, \
+                 history = history || jsonb_build_array((CASE \
+                     WHEN $1 AND attempts < max_attempts THEN $3 ELSE $4 END)::jsonb), \
+                 errors = errors || jsonb_build_array($5::jsonb), \
+                 lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL \
+             WHERE id = $6 AND lease_token = $7 AND status IN ('PROCESSING', 'EXECUTING')",
+        )
+        .bind(retry_at.is_some())
+        .bind(retry_at)
+        .bind(history_entry(
+            RequestStatus::Pending,
+            Some(&lease.owner),
+            "retry scheduled",
+        ))
+        .bind(history_entry(
+            RequestStatus::Failed,
+            Some(&lease.owner),
+            "attempt failed; no retry",
+        ))
+        .bind(to_json(error))
+        .bind(lease.request_id.as_str())
+        .bind(&lease.token)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| Error::store("fail_attempt", e))?
+        .rows_affected();
+        self.outcome("fail_attempt", rows, &lease.request_id).await
+    }
+
+    async fn release(&self, lease: &LeaseRef, reason: &str) -> Result<WriteOutcome> {
+        let rows = sqlx::query(
+            "UPDATE requests SET status = 'PENDING', attempts = GREATEST(attempts - 1, 0), \
+                 run_after = now(), lease_owner = NULL, lease_token = NULL, \
+                 lease_expires_at = NULL, history = history || jsonb_build_array($1::jsonb) \
+             WHERE id = $2 AND lease_token = $3 AND status IN ('PROCESSING', 'EXECUTING')",
+        )
+        .bind(history_entry(
+            RequestStatus::Pending,
+            Some(&lease.owner),
+            reason,
+        ))
+        .bind(lease.request_id.as_str())
+        .bind(&lease.token)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| Error::store("release", e))?
+        .rows_affected();
+        self.outcome("release", rows, &lease.request_id).await
+    }
+
+    async fn cancel(&self, id: &RequestId, reason: &str) -> Result<CancelOutcome> {
+        // Conditional on the status just read; if a worker moved the request in between,
+        // read again and retry.
+        loop {
+            let Some(request) = self.get(id).await? else {
+                return Ok(CancelOutcome::NotFound);
+            };
+            if request.status.is_terminal() {
+                return Ok(CancelOutcome::AlreadyTerminal(request.status));
+            }
+            let rows = sqlx::query(
+                "UPDATE requests SET status = 'CANCELLED', completed_at = now(), \
+                     lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, \
+                     history = history || jsonb_build_array($1::jsonb) \
+                 WHERE id = $2 AND status = $3",
+            )
+            .bind(history_entry(RequestStatus::Cancelled, None, reason))
+            .bind(id.as_str())
+            .bind(request.status.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(|e| Error::store("cancel", e))?
+            .rows_affected();
+            if rows > 0 {
+                return Ok(CancelOutcome::Cancelled {
+                    previous: request.status,
+                });
+            }
+        }
+    }
+
+    async fn rescue_expired(&self) -> Result<Vec<RescuedRequest>> {
+        let expired = sqlx::query(
+            "SELECT id, lease_owner, lease_token, attempts, max_attempts FROM requests \
+             WHERE status IN ('PROCESSING', 'EXECUTING') AND lease_expires_at <= now()",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| Error::store("rescue_expired", e))?;
+
+        let mut rescued = Vec::new();
+        for row in expired {
+            let id: String = column(&row, "", "id")?;
+            let owner = column::<Option<String>>(&row, &id, "lease_owner")?.unwrap_or_default();
+            let token: String = column(&row, &id, "lease_token")?;
+            let attempts = column::<i32>(&row, &id, "attempts")?.max(0) as u32;
+            let max_attempts = column::<i32>(&row, &id, "max_attempts")?.max(1) as u32;
+            let status = if attempts >= max_attempts {
+                RequestStatus::Failed
+            } else {
+                RequestStatus::Pending
+            };
+            let error = AttemptError {
+                attempt: attempts,
+                message: expired_lease_message(&owner),
+                retryable: true,
+                at: now(),
+            };
+
+            // Conditional on the very lease that was seen expired: a completion, cancel or
+            // heartbeat that committed since then makes this update match nothing.
+            let rows = sqlx::query(
+                "UPDATE requests SET status = $1, run_after = now(), \
+                     completed_at = CASE WHEN $1 = 'FAILED' THEN now() END, \
+                     lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, \
+                     errors = errors || jsonb_build_array($2::jsonb), \
+                     history = history || jsonb_build_array($3::jsonb) \
+                 WHERE id = $4 AND lease_token = $5 AND lease_expires_at <= now() \
+                     AND status IN ('PROCESSING', 'EXECUTING')",
+            )
+            .bind(status.as_str())
+            .bind(to_json(&error))
+            .bind(history_entry(status, None, "lease expired; rescued"))
+            .bind(&id)
+            .bind(&token)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| Error::store("rescue_expired", e))?
+            .rows_affected();
+            if rows > 0 {
+                rescued.push(RescuedRequest {
+                    request_id: RequestId::from_stored(id),
+                    status,
+                    attempts,
+                    previous_owner: owner,
+                });
+            }
+        }
+        Ok(rescued)
+    }
+
+    async fn prune_finished(&self, finished_before: DateTime<Utc>) -> Result<u64> {
+        let rows = sqlx::query(
+            "DELETE FROM requests \
+             WHERE status IN ('COMPLETED', 'FAILED', 'CANCELLED') AND completed_at < $1",
+        )
+        .bind(finished_before)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| Error::store("prune_finished", e))?
+        .rows_affected();
+        Ok(rows)
+    }
+
+    async fn count_by_status(&self) -> Result<BTreeMap<RequestStatus, u64>> {
+        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM requests GROUP BY status")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| Error::store("count_by_status", e))?;
+        let mut counts = BTreeMap::new();
+        for row in rows {
+            let status: String = column(&row, "", "status")?;
+            let n: i64 = column(&row, "", "n")?;
+            counts.insert(status.parse()?, n.max(0) as u64);
+        }
+        Ok(counts)
+    }
+
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(|e| Error::store("ping", e))
+    }
+
+    fn subscribe(&self) -> Option<StoreEvents> {
+        let (events, received) = mpsc::channel(256);
+        tokio::spawn(listen(self.pool.clone(), self.channel.clone(), events));
+        Some(Box::pin(futures::stream::unfold(
+            received,
+            |mut received| async move { received.recv().await.map(|event| (event, received)) },
+        )))
+    }
+}
+
+/// Forwards notifications on `channel` to `events` until the receiving side is dropped,
+/// re-establishing the listener whenever its connection is lost.
+async fn listen(pool: PgPool, channel: String, events: mpsc::Sender<StoreEvent>) {
+    let mut connected_before = false;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let listening = async {
+            let mut listener = PgListener::connect_with(&pool).await?;
+            listener.listen(&channel).await?;
+            Ok::<_, sqlx::Error>(listener)
+        };
+        let mut listener = tokio::select! {
+            _ = events.closed() => return,
+            result = listening => match result {
+                Ok(listener) => listener,
+                Err(err) => {
+                    tracing::warn!(error = %err, retry_in_secs = pause.as_secs_f64(), "cannot listen for notifications");
+                    tokio::select! {
+                        _ = events.closed() => return,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            },
+        };
+        if connected_before {
+            tracing::info!("listening for notifications again");
+            if events.send(StoreEvent::Reconnected).await.is_err() {
+                return;
+            }
+        }
+        connected_before = true;
+        pause = Duration::from_millis(100);
+
+        loop {
+            let next = tokio::select! {
+                _ = events.closed() => return,
+                next = listener.try_recv() => next,
+            };
+            let event = match next {
+                Ok(Some(notification)) => match notification.payload().split_once(':') {
+                    Some(("cancelled", id)) => {
+                        StoreEvent::Cancelled(RequestId::from_stored(id.to_owned()))
+                    }
+                    _ => StoreEvent::WorkAvailable,
+                },
+                // The listener reconnected by itself; what was sent meanwhile is lost.
+                Ok(None) => StoreEvent::Reconnected,
+                Err(err) => {
+                    tracing::warn!(error = %err, "notification listener lost its connection");
+                    break;
+                }
+            };
+            if events.send(event).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_in_errors_hide_the_password() {
+        assert_eq!(
+            redact("postgres://app:s3cret@db.internal:5432/requests"),
+            "postgres://app:***@db.internal:5432/requests"
+        );
+        assert_eq!(redact("postgres://localhost/x"), "postgres://localhost/x");
+    }
+
+    #[test]
+    fn schema_names_are_plain_identifiers() {
+        assert!(check_schema_name("tenant_7").is_ok());
+        assert!(check_schema_name("7tenant").is_err());
+        assert!(check_schema_name("a\"; DROP TABLE requests; --").is_err());
+        assert!(check_schema_name("").is_err());
+    }
+}

@@ -1,0 +1,132 @@
+//! The shape in which SQL backends hand back a request row, and its conversion into the
+//! model: one place that reads JSON columns and checks ranges, whatever the database.
+
+#![cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
+
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+
+use crate::error::{Error, Result};
+use crate::model::{Lease, Priority, Progress, Request, RequestId, RequestType, StatusChange};
+use crate::status::RequestStatus;
+
+/// A request row as the database stores it, before any JSON is parsed.
+pub(crate) struct StoredRow {
+    pub id: String,
+    pub project_id: String,
+    pub user_id: String,
+    pub request_type: String,
+    pub priority: i64,
+    pub configuration: String,
+    pub status: String,
+    pub progress_stage: Option<String>,
+    pub progress_percentage: i64,
+    pub urls_found: i64,
+    pub content_extracted: i64,
+    pub estimated_completion: Option<DateTime<Utc>>,
+    pub results: Option<String>,
+    pub errors: String,
+    pub history: String,
+    pub attempts: i64,
+    pub max_attempts: i64,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+    pub run_after: DateTime<Utc>,
+    pub lease_owner: Option<String>,
+    pub lease_token: Option<String>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+}
+
+impl StoredRow {
+    pub fn into_request(self) -> Result<Request> {
+        let id = self.id;
+        let corrupt = |field: &'static str, problem: String| Error::CorruptRecord {
+            request_id: id.clone(),
+            field,
+            problem,
+        };
+        let json_err = |field: &'static str| move |e: serde_json::Error| (field, e.to_string());
+
+        let priority = Priority::from_rank(self.priority).ok_or_else(|| {
+            corrupt(
+                "priority",
+                format!("{} is not a priority rank", self.priority),
+            )
+        })?;
+        let parsed = (|| {
+            Ok::<_, (&'static str, String)>((
+                serde_json::from_str(&self.configuration).map_err(json_err("configuration"))?,
+                self.results
+                    .as_deref()
+                    .map(serde_json::from_str)
+                    .transpose()
+                    .map_err(json_err("results"))?,
+                serde_json::from_str(&self.errors).map_err(json_err("errors"))?,
+                serde_json::from_str::<Vec<StatusChange>>(&self.history)
+                    .map_err(json_err("history"))?,
+            ))
+        })();
+        let (configuration, results, errors, history) =
+            parsed.map_err(|(field, problem)| corrupt(field, problem))?;
+        let lease = self.lease_token.map(|token| Lease {
+            owner: self.lease_owner.unwrap_or_default(),
+            token,
+            expires_at: self.lease_expires_at.unwrap_or(DateTime::<Utc>::MIN_UTC),
+        });
+
+        Ok(Request {
+            id: RequestId::from_stored(id.clone()),
+            project_id: self.project_id,
+            user_id: self.user_id,
+            request_type: RequestType::from_stored(self.request_type),
+            priority,
+            configuration,
+            status: RequestStatus::from_str(&self.status)?,
+            progress: Progress {
+                current_stage: self.progress_stage,
+                percentage: self.progress_percentage.clamp(0, 100) as u8,
+                urls_found: self.urls_found.max(0) as u64,
+                content_extracted: self.content_extracted.max(0) as u64,
+                estimated_completion: self.estimated_completion,
+            },
+            results,
+            errors,
+            history,
+            attempts: self.attempts.clamp(0, i64::from(u32::MAX)) as u32,
+            max_attempts: self.max_attempts.clamp(1, i64::from(u32::MAX)) as u32,
+            created_at: self.created_at,
+            started_at: self.started_at,
+            completed_at: self.completed_at,
+            run_after: self.run_after,
+            lease,
+        })
+    }
+}
+
+/// JSON text of a model value, for a JSON column.
+pub(crate) fn to_json<T: serde::Serialize>(value: &T) -> String {
+    // The model's types serialize infallibly: string keys only, and validation keeps
+    // non-finite floats out, so the fallback is never taken.
+    serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())
+}
+
+/// A history entry as JSON text, stamped now.
+pub(crate) fn history_entry(status: RequestStatus, worker: Option<&str>, reason: &str) -> String {
+    to_json(&StatusChange {
+        status,
+        at: super::now(),
+        worker: worker.map(str::to_owned),
+        reason: reason.to_owned(),
+    })
+}
+
+/// A column that could not be read, reported against its request.
+pub(crate) fn unreadable(id: &str, field: &'static str, e: impl std::fmt::Display) -> Error {
+    Error::CorruptRecord {
+        request_id: id.to_owned(),
+        field,
+        problem: e.to_string(),
+    }
+}
