@@ -103,6 +103,20 @@ fn enter(request: &mut Request, status: RequestStatus, worker: Option<&str>, rea
     }
 }
 
+/// Moves a pending request to `PROCESSING` under a fresh lease of `owner`.
+fn take_lease(request: &mut Request, owner: &str, lease_duration: Duration) {
+    let at = now();
+    enter(request, RequestStatus::Processing, Some(owner), "claimed");
+    request.attempts += 1;
+    request.started_at = Some(at);
+    request.progress = Progress::default();
+    request.lease = Some(Lease {
+        owner: owner.to_owned(),
+        token: uuid::Uuid::new_v4().simple().to_string(),
+        expires_at: after(at, lease_duration),
+    });
+}
+
 #[async_trait]
 impl RequestStore for MemoryStore {
     async fn insert(&self, new: NewRequest, max_attempts: u32) -> Result<InsertOutcome> {
@@ -181,21 +195,28 @@ impl RequestStore for MemoryStore {
 
         let mut claimed = Vec::new();
         for (_, _, _, id) in ready.into_iter().take(limit) {
-            let Some((_, request)) = state.requests.get_mut(&id) else {
-                continue;
-            };
-            enter(request, RequestStatus::Processing, Some(owner), "claimed");
-            request.attempts += 1;
-            request.started_at = Some(at);
-            request.progress = Progress::default();
-            request.lease = Some(Lease {
-                owner: owner.to_owned(),
-                token: uuid::Uuid::new_v4().simple().to_string(),
-                expires_at: after(at, lease_duration),
-            });
-            claimed.push(request.clone());
+            if let Some((_, request)) = state.requests.get_mut(&id) {
+                take_lease(request, owner, lease_duration);
+                claimed.push(request.clone());
+            }
         }
         Ok(claimed)
+    }
+
+    async fn claim_request(
+        &self,
+        id: &RequestId,
+        owner: &str,
+        lease_duration: Duration,
+    ) -> Result<Option<Request>> {
+        let mut state = self.lock();
+        match state.requests.get_mut(id) {
+            Some((_, request)) if request.status == RequestStatus::Pending => {
+                take_lease(request, owner, lease_duration);
+                Ok(Some(request.clone()))
+            }
+            _ => Ok(None),
+        }
     }
 
     async fn mark_executing(&self, lease: &LeaseRef) -> Result<WriteOutcome> {

@@ -331,6 +331,17 @@ pub trait RequestStore: Send + Sync + 'static {
         lease_duration: Duration,
     ) -> Result<Vec<Request>>;
 
+    /// Claims one particular request, as a queue consumer does for the request a message
+    /// names: if it is `PENDING` it becomes `PROCESSING` under a fresh lease of `owner`
+    /// (whatever its `run_after`: the queue decides when to deliver), exactly as
+    /// [`claim`](Self::claim) would. Returns `None` when it is not `PENDING` or not there.
+    async fn claim_request(
+        &self,
+        id: &RequestId,
+        owner: &str,
+        lease_duration: Duration,
+    ) -> Result<Option<Request>>;
+
     /// `PROCESSING` -> `EXECUTING` under `lease`.
     async fn mark_executing(&self, lease: &LeaseRef) -> Result<WriteOutcome>;
 

@@ -18,6 +18,19 @@ use crate::error::{Error, Result};
 use crate::model::{AttemptError, NewRequest, Progress, Request, RequestId, RequestResults};
 use crate::status::RequestStatus;
 
+/// The claim's assignments, shared by `claim` and `claim_request`. Parameters: $2 owner,
+/// $3 lease seconds, $4 history entry.
+macro_rules! claim_set {
+    () => {
+        "UPDATE requests SET status = 'PROCESSING', attempts = attempts + 1, \
+             started_at = now(), progress_stage = NULL, progress_percentage = 0, \
+             urls_found = 0, content_extracted = 0, estimated_completion = NULL, \
+             lease_owner = $2, lease_token = replace(gen_random_uuid()::text, '-', ''), \
+             lease_expires_at = now() + make_interval(secs => $3), \
+             history = history || jsonb_build_array($4::jsonb)"
+    };
+}
+
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
 
 /// Columns every query that returns requests selects, in this order; JSON columns come
@@ -390,14 +403,9 @@ impl RequestStore for PostgresStore {
                  WHERE status = 'PENDING' AND run_after <= now() \
                  ORDER BY priority, created_at, seq \
                  LIMIT $1 FOR UPDATE SKIP LOCKED) \
-             UPDATE requests SET status = 'PROCESSING', attempts = attempts + 1, \
-                 started_at = now(), progress_stage = NULL, progress_percentage = 0, \
-                 urls_found = 0, content_extracted = 0, estimated_completion = NULL, \
-                 lease_owner = $2, lease_token = replace(gen_random_uuid()::text, '-', ''), \
-                 lease_expires_at = now() + make_interval(secs => $3), \
-                 history = history || jsonb_build_array($4::jsonb) \
-             FROM next WHERE seq = next.claimed_seq \
-             RETURNING seq, ",
+             ",
+            claim_set!(),
+            " FROM next WHERE seq = next.claimed_seq RETURNING seq, ",
             columns!()
         ))
         .bind(limit as i64)
@@ -419,6 +427,31 @@ impl RequestStore for PostgresStore {
             .collect::<Result<Vec<_>>>()?;
         claimed.sort_by_key(|(seq, r)| (r.priority.rank(), r.created_at, *seq));
         Ok(claimed.into_iter().map(|(_, r)| r).collect())
+    }
+
+    async fn claim_request(
+        &self,
+        id: &RequestId,
+        owner: &str,
+        lease_duration: Duration,
+    ) -> Result<Option<Request>> {
+        let row = sqlx::query(concat!(
+            claim_set!(),
+            " WHERE id = $1 AND status = 'PENDING' RETURNING ",
+            columns!()
+        ))
+        .bind(id.as_str())
+        .bind(owner)
+        .bind(seconds(lease_duration))
+        .bind(history_entry(
+            RequestStatus::Processing,
+            Some(owner),
+            "claimed",
+        ))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| Error::store("claim_request", e))?;
+        row.as_ref().map(request_from_row).transpose()
     }
 
     async fn mark_executing(&self, lease: &LeaseRef) -> Result<WriteOutcome> {

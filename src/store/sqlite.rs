@@ -21,6 +21,18 @@ use crate::error::{Error, Result};
 use crate::model::{AttemptError, NewRequest, Progress, Request, RequestId, RequestResults};
 use crate::status::RequestStatus;
 
+/// The claim's assignments, shared by `claim` and `claim_request`. Parameters: ?1 now,
+/// ?2 owner, ?3 lease expiry, ?4 history entry.
+macro_rules! claim_set {
+    () => {
+        "UPDATE requests SET status = 'PROCESSING', attempts = attempts + 1, \
+             started_at = ?1, progress_stage = NULL, progress_percentage = 0, \
+             urls_found = 0, content_extracted = 0, estimated_completion = NULL, \
+             lease_owner = ?2, lease_token = lower(hex(randomblob(16))), \
+             lease_expires_at = ?3, history = json_insert(history, '$[#]', json(?4))"
+    };
+}
+
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
 
 /// Columns every query that returns requests selects, in this order; a macro so that
@@ -329,17 +341,12 @@ impl RequestStore for SqliteStore {
         // One statement: SQLite runs it under its single write lock, so two claimers (in
         // this process or another) can never select the same pending row.
         let rows = sqlx::query(concat!(
-            "UPDATE requests SET status = 'PROCESSING', attempts = attempts + 1, \
-                 started_at = ?1, progress_stage = NULL, progress_percentage = 0, \
-                 urls_found = 0, content_extracted = 0, estimated_completion = NULL, \
-                 lease_owner = ?2, lease_token = lower(hex(randomblob(16))), \
-                 lease_expires_at = ?3, history = json_insert(history, '$[#]', json(?4)) \
-             WHERE seq IN (SELECT seq FROM requests \
+            claim_set!(),
+            " WHERE seq IN (SELECT seq FROM requests \
                  WHERE status = 'PENDING' AND run_after <= ?1 \
                  ORDER BY priority, created_at, seq LIMIT ?5) \
              RETURNING ",
-            columns!(),
-            ""
+            columns!()
         ))
         .bind(micros(at))
         .bind(owner)
@@ -366,6 +373,33 @@ impl RequestStore for SqliteStore {
             .collect::<Result<_>>()?;
         claimed.sort_by_key(|(seq, r)| (r.priority.rank(), r.created_at, *seq));
         Ok(claimed.into_iter().map(|(_, r)| r).collect())
+    }
+
+    async fn claim_request(
+        &self,
+        id: &RequestId,
+        owner: &str,
+        lease_duration: Duration,
+    ) -> Result<Option<Request>> {
+        let at = now();
+        let row = sqlx::query(concat!(
+            claim_set!(),
+            " WHERE id = ?5 AND status = 'PENDING' RETURNING ",
+            columns!()
+        ))
+        .bind(micros(at))
+        .bind(owner)
+        .bind(micros(after(at, lease_duration)))
+        .bind(history_entry(
+            RequestStatus::Processing,
+            Some(owner),
+            "claimed",
+        ))
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| Error::store("claim_request", e))?;
+        row.as_ref().map(request_from_row).transpose()
     }
 
     async fn mark_executing(&self, lease: &LeaseRef) -> Result<WriteOutcome> {

@@ -62,6 +62,8 @@ macro_rules! store_suite {
             caller_given_id_makes_insert_idempotent,
             list_filters_and_pages_newest_first,
             history_explains_every_transition,
+            claiming_one_request_takes_it_only_when_pending,
+            concurrent_claims_of_one_request_have_one_winner,
         );
 
         #[test]
@@ -802,6 +804,83 @@ pub async fn history_explains_every_transition(h: &impl Harness) {
     assert!(request.history.iter().all(|c| !c.reason.is_empty()));
 }
 
+pub async fn claiming_one_request_takes_it_only_when_pending(h: &impl Harness) {
+    let store = h.open().await;
+    let later = Utc::now() + chrono::Duration::hours(1);
+    store
+        .insert(
+            new_request("queued", Priority::Low).with_run_after(later),
+            3,
+        )
+        .await
+        .unwrap();
+    let id = RequestId::parse("queued").unwrap();
+
+    // The queue decides when to deliver, so run_after does not hold a direct claim back.
+    let claimed = store
+        .claim_request(&id, "consumer-1", LONG)
+        .await
+        .unwrap()
+        .expect("a pending request is claimed");
+    assert_eq!(claimed.status, RequestStatus::Processing);
+    assert_eq!(claimed.attempts, 1);
+    let lease = LeaseRef::of(&claimed).unwrap();
+    assert_eq!(lease.owner, "consumer-1");
+
+    // In flight, then finished: no second claim.
+    assert_eq!(
+        store.claim_request(&id, "consumer-2", LONG).await.unwrap(),
+        None
+    );
+    assert!(store.mark_executing(&lease).await.unwrap().is_applied());
+    assert!(
+        store
+            .complete(&lease, &results())
+            .await
+            .unwrap()
+            .is_applied()
+    );
+    assert_eq!(
+        store.claim_request(&id, "consumer-2", LONG).await.unwrap(),
+        None
+    );
+
+    let missing = RequestId::parse("never-stored").unwrap();
+    assert_eq!(
+        store
+            .claim_request(&missing, "consumer-2", LONG)
+            .await
+            .unwrap(),
+        None
+    );
+}
+
+pub async fn concurrent_claims_of_one_request_have_one_winner(h: &impl Harness) {
+    let store = h.open().await;
+    let id = insert(&*store, "contended", Priority::Medium).await;
+
+    let claimers: Vec<_> = (0..8)
+        .map(|i| {
+            let store = store.clone();
+            let id = id.clone();
+            tokio::spawn(async move {
+                store
+                    .claim_request(&id, &format!("consumer-{i}"), LONG)
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut winners = 0;
+    for claimer in claimers {
+        if claimer.await.unwrap().is_some() {
+            winners += 1;
+        }
+    }
+    assert_eq!(winners, 1);
+    assert_eq!(store.get(&id).await.unwrap().unwrap().attempts, 1);
+}
+
 // ---------------------------------------------------------------------------------------
 // Random interleavings against a model of what each write must do.
 
@@ -809,6 +888,7 @@ pub async fn history_explains_every_transition(h: &impl Harness) {
 enum Op {
     Insert,
     Claim { expired: bool },
+    ClaimRequest { request: usize },
     MarkExecuting { lease: usize },
     Progress { lease: usize, percentage: u8 },
     Complete { lease: usize },
@@ -830,6 +910,7 @@ fn op_strategy() -> impl proptest::strategy::Strategy<Value = Op> {
         1 => (0usize..8).prop_map(|lease| Op::Release { lease }),
         1 => (0usize..8).prop_map(|request| Op::Cancel { request }),
         1 => Just(Op::Rescue),
+        1 => (0usize..8).prop_map(|request| Op::ClaimRequest { request }),
     ]
 }
 
@@ -903,6 +984,16 @@ async fn check_interleaving(h: &impl Harness, ops: &[Op]) {
                     assert_eq!(before[&r.id].status, RequestStatus::Pending);
                     assert_eq!(r.attempts, before[&r.id].attempts + 1);
                     leases.push(LeaseRef::of(&r).unwrap());
+                }
+            }
+            Op::ClaimRequest { request } => {
+                if let Some(id) = ids.get(request % ids.len().max(1)) {
+                    let got = store.claim_request(id, "q", LONG).await.unwrap();
+                    assert_eq!(got.is_some(), before[id].status == RequestStatus::Pending);
+                    if let Some(r) = got {
+                        assert_eq!(r.attempts, before[id].attempts + 1);
+                        leases.push(LeaseRef::of(&r).unwrap());
+                    }
                 }
             }
             Op::MarkExecuting { lease } => {
