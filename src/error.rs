@@ -117,6 +117,14 @@ pub enum Error {
         status: Option<RequestStatus>,
     },
 
+    /// The strategy's workers are already running; a strategy runs one set of workers at a
+    /// time (clone the strategy's store into a second strategy for a second set).
+    #[error("the {strategy} strategy's workers are already running")]
+    AlreadyRunning {
+        /// The strategy's name.
+        strategy: &'static str,
+    },
+
     /// The orchestrator was built without a required part.
     #[error("the orchestrator builder is missing {what}")]
     Incomplete {

@@ -676,3 +676,34 @@ async fn invalid_or_unroutable_submissions_store_nothing() {
     assert!(running.store.count_by_status().await.unwrap().is_empty());
     running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_run_of_the_same_workers_is_refused_while_the_first_runs() {
+    let executor = scripted(|_, _| async { Ok(done()) });
+    let running = Running::start(fast_config(), executor).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let second = running
+        .orchestrator
+        .run_with_token(CancellationToken::new())
+        .await;
+    assert!(
+        matches!(
+            second,
+            Err(root_orchestrator::Error::AlreadyRunning { strategy: "table" })
+        ),
+        "{second:?}"
+    );
+
+    // The first run is unaffected, and once it stops the workers can run again.
+    let id = running.submit(request("still-served")).await;
+    assert_eq!(
+        running.wait_terminal(&id).await.status,
+        RequestStatus::Completed
+    );
+    let orchestrator = running.orchestrator.clone();
+    running.shutdown().await;
+    let again = CancellationToken::new();
+    again.cancel();
+    orchestrator.run_with_token(again).await.unwrap();
+}

@@ -55,6 +55,8 @@ struct Inner {
     wake: Notify,
     /// Cancellation handles of the requests this process is running.
     running: Mutex<HashMap<RequestId, CancellationToken>>,
+    /// Whether `run` is under way: a second claim loop would break the concurrency limit.
+    active: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for TableStrategy {
@@ -90,6 +92,7 @@ impl TableStrategy {
                 worker_id: super::worker_id(STRATEGY),
                 wake: Notify::new(),
                 running: Mutex::new(HashMap::new()),
+                active: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -141,6 +144,21 @@ impl Inner {
                 }
             }
             Err(err) => tracing::warn!(error = %err, "rescue failed; will try again"),
+        }
+    }
+
+    /// Publishes the table's depth for dashboards: requests per status.
+    async fn publish_depth(&self) {
+        if let Ok(counts) = self.store.count_by_status().await {
+            for status in RequestStatus::ALL {
+                let n = counts.get(&status).copied().unwrap_or(0);
+                metrics::gauge!(
+                    "root_orchestrator_requests",
+                    "strategy" => STRATEGY,
+                    "status" => status.as_str(),
+                )
+                .set(n as f64);
+            }
         }
     }
 
@@ -196,7 +214,10 @@ impl Inner {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = rescue_tick.tick() => self.rescue().await,
+                _ = rescue_tick.tick() => {
+                    self.rescue().await;
+                    self.publish_depth().await;
+                }
                 _ = prune_tick.tick() => self.prune().await,
             }
         }
@@ -249,6 +270,25 @@ impl ProcessingStrategy for TableStrategy {
     }
 
     async fn run(
+        &self,
+        executors: Arc<ExecutorRegistry>,
+        shutdown: CancellationToken,
+    ) -> Result<()> {
+        let inner = self.inner.clone();
+        if inner.active.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Err(crate::Error::AlreadyRunning { strategy: STRATEGY });
+        }
+        let result = self.run_workers(executors, shutdown).await;
+        inner
+            .active
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        result
+    }
+}
+
+impl TableStrategy {
+    /// The claim loop, the rescuer and the pruner, until `shutdown`; then the drain.
+    async fn run_workers(
         &self,
         executors: Arc<ExecutorRegistry>,
         shutdown: CancellationToken,
