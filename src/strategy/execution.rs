@@ -143,6 +143,9 @@ async fn run_leased(
 
     let wake = loop {
         tokio::select! {
+            // A finished executor wins over a cancel or hand-back that fires at the same
+            // moment: its outcome still goes through the fenced write.
+            biased;
             joined = &mut task => break Wake::Finished(joined.map_err(panic_message)),
             _ = cancel.cancelled() => break Wake::Cancelled,
             _ = hand_back.cancelled() => break Wake::HandBack,
