@@ -65,7 +65,7 @@ pub use status::RequestStatus;
 pub use store::SqliteStore;
 pub use store::{
     CancelOutcome, InsertOutcome, LeaseRef, ListCursor, ListFilter, MemoryStore, RequestPage,
-    RequestStore, RescuedRequest, StoreEvent, StoreEvents, WriteOutcome,
+    RequestStore, RescuedRequest, StoreEvent, StoreEvents, Visibility, WriteOutcome,
 };
 #[cfg(feature = "postgres")]
 pub use store::{PostgresStore, PostgresStoreOptions};

@@ -165,6 +165,45 @@ impl FromStr for ListCursor {
     }
 }
 
+/// Who may see a request: the user who submitted it, and everyone who may access its
+/// project. A listing limited to a [`Visibility`] is filtered in the store, so its pages and
+/// cursors only ever count requests the viewer may see.
+///
+/// # Examples
+///
+/// ```
+/// use root_orchestrator::{ListFilter, Visibility};
+///
+/// let filter = ListFilter::new().visible_to(Visibility::new("alice", ["proj-a", "proj-b"]));
+/// assert_eq!(filter.visible_to.map(|v| v.project_ids.len()), Some(2));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Visibility {
+    /// Requests submitted by this user are visible.
+    pub user_id: String,
+    /// Requests of these projects are visible, whoever submitted them.
+    pub project_ids: Vec<String>,
+}
+
+impl Visibility {
+    /// What `user_id` may see: their own requests and those of `project_ids`.
+    pub fn new<P: Into<String>>(
+        user_id: impl Into<String>,
+        project_ids: impl IntoIterator<Item = P>,
+    ) -> Self {
+        Visibility {
+            user_id: user_id.into(),
+            project_ids: project_ids.into_iter().map(Into::into).collect(),
+        }
+    }
+
+    /// Whether `request` is visible.
+    pub fn allows(&self, request: &Request) -> bool {
+        request.user_id == self.user_id || self.project_ids.contains(&request.project_id)
+    }
+}
+
 /// Which requests [`RequestStore::list`] returns: all filters must match.
 #[derive(Debug, Clone, Default, PartialEq)]
 #[non_exhaustive]
@@ -177,6 +216,8 @@ pub struct ListFilter {
     pub user_id: Option<String>,
     /// Only requests of this type.
     pub request_type: Option<RequestType>,
+    /// Only requests this viewer may see (see [`Visibility`]).
+    pub visible_to: Option<Visibility>,
     /// Continue after this position.
     pub after: Option<ListCursor>,
     /// Page size; [`ListFilter::DEFAULT_LIMIT`] when `None`, at most [`ListFilter::MAX_LIMIT`].
@@ -218,6 +259,12 @@ impl ListFilter {
         self
     }
 
+    /// Only requests that `visibility` allows: the viewer's own and their projects'.
+    pub fn visible_to(mut self, visibility: Visibility) -> Self {
+        self.visible_to = Some(visibility);
+        self
+    }
+
     /// Pages of `limit` requests.
     pub fn with_limit(mut self, limit: usize) -> Self {
         self.limit = Some(limit);
@@ -249,6 +296,7 @@ impl ListFilter {
                 .request_type
                 .as_ref()
                 .is_none_or(|t| *t == request.request_type)
+            && self.visible_to.as_ref().is_none_or(|v| v.allows(request))
             && self
                 .after
                 .as_ref()

@@ -363,6 +363,16 @@ impl RequestStore for PostgresStore {
                 .push(" AND request_type = ")
                 .push_bind(request_type.as_str().to_owned());
         }
+        if let Some(visibility) = &filter.visible_to {
+            // In the query, not on the fetched rows, so that LIMIT and the cursor count
+            // only what the viewer may see.
+            query
+                .push(" AND (user_id = ")
+                .push_bind(visibility.user_id.clone())
+                .push(" OR project_id = ANY(")
+                .push_bind(visibility.project_ids.clone())
+                .push("))");
+        }
         if let Some(cursor) = &filter.after {
             query
                 .push(" AND (created_at, id) < (")

@@ -305,6 +305,22 @@ impl RequestStore for SqliteStore {
                 .push(" AND request_type = ")
                 .push_bind(request_type.as_str().to_owned());
         }
+        if let Some(visibility) = &filter.visible_to {
+            // In the query, not on the fetched rows, so that LIMIT and the cursor count
+            // only what the viewer may see.
+            query
+                .push(" AND (user_id = ")
+                .push_bind(visibility.user_id.clone());
+            if !visibility.project_ids.is_empty() {
+                query.push(" OR project_id IN (");
+                let mut projects = query.separated(", ");
+                for project_id in &visibility.project_ids {
+                    projects.push_bind(project_id.clone());
+                }
+                projects.push_unseparated(")");
+            }
+            query.push(")");
+        }
         if let Some(cursor) = &filter.after {
             query
                 .push(" AND (created_at, id) < (")

@@ -14,7 +14,7 @@ use chrono::Utc;
 use root_orchestrator::{
     AttemptError, CancelOutcome, Configuration, InsertOutcome, LeaseRef, ListFilter, NewRequest,
     Priority, Progress, RequestId, RequestResults, RequestStatus, RequestStore, RequestType,
-    Source, WriteOutcome,
+    Source, Visibility, WriteOutcome,
 };
 
 /// Opens stores over one backing database; each test gets a fresh harness.
@@ -61,6 +61,7 @@ macro_rules! store_suite {
             prune_removes_only_old_finished_requests,
             caller_given_id_makes_insert_idempotent,
             list_filters_and_pages_newest_first,
+            list_visibility_is_filtered_in_the_store,
             history_explains_every_transition,
             claiming_one_request_takes_it_only_when_pending,
             concurrent_claims_of_one_request_have_one_winner,
@@ -763,6 +764,104 @@ pub async fn list_filters_and_pages_newest_first(h: &impl Harness) {
         .await
         .unwrap();
     assert!(by_user.requests.is_empty());
+}
+
+/// Every page of a listing, followed through its cursors; the ids newest first and the
+/// size of each page.
+async fn list_all(store: &dyn RequestStore, mut filter: ListFilter) -> (Vec<String>, Vec<usize>) {
+    let (mut ids, mut sizes) = (Vec::new(), Vec::new());
+    loop {
+        let page = store.list(&filter).await.unwrap();
+        sizes.push(page.requests.len());
+        ids.extend(page.requests.iter().map(|r| r.id.to_string()));
+        match page.next {
+            Some(cursor) => filter.after = Some(cursor.to_string().parse().unwrap()),
+            None => return (ids, sizes),
+        }
+    }
+}
+
+pub async fn list_visibility_is_filtered_in_the_store(h: &impl Harness) {
+    let store = h.open().await;
+    // Invisible requests sit between the visible ones, so a store that filtered fetched
+    // pages afterwards would return short or empty pages.
+    let owners = [
+        ("vis-0", "alice", "proj-a"),
+        ("vis-1", "bob", "proj-a"),
+        ("vis-2", "bob", "proj-b"),
+        ("vis-3", "carol", "proj-c"),
+        ("vis-4", "alice", "proj-c"),
+        ("vis-5", "bob", "proj-b"),
+        ("vis-6", "carol", "proj-d"),
+        ("vis-7", "carol", "proj-b"),
+        ("vis-8", "dave", "proj-d"),
+    ];
+    for (id, user, project) in owners {
+        let mut request = new_request(id, Priority::Medium);
+        request.user_id = user.into();
+        request.project_id = project.into();
+        store.insert(request, 3).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    store
+        .cancel(&RequestId::parse("vis-5").unwrap(), "x")
+        .await
+        .unwrap();
+
+    // alice sees her own requests (any project) and every request of proj-b.
+    let alice = Visibility::new("alice", ["proj-b"]);
+    let (ids, sizes) = list_all(
+        &*store,
+        ListFilter::new().visible_to(alice.clone()).with_limit(2),
+    )
+    .await;
+    assert_eq!(ids, ["vis-7", "vis-5", "vis-4", "vis-2", "vis-0"]);
+    assert_eq!(sizes, [2, 2, 1], "pages are full until the last");
+
+    // Other filters narrow what is visible; they never widen it.
+    let (ids, _) = list_all(
+        &*store,
+        ListFilter::new()
+            .visible_to(alice.clone())
+            .with_project("proj-c"),
+    )
+    .await;
+    assert_eq!(ids, ["vis-4"], "carol's proj-c request stays hidden");
+    let (ids, _) = list_all(
+        &*store,
+        ListFilter::new()
+            .visible_to(alice.clone())
+            .with_status(RequestStatus::Cancelled),
+    )
+    .await;
+    assert_eq!(ids, ["vis-5"]);
+    let (ids, _) = list_all(
+        &*store,
+        ListFilter::new().visible_to(alice).with_user("carol"),
+    )
+    .await;
+    assert_eq!(ids, ["vis-7"]);
+
+    // No projects: only one's own requests. Several projects: all of them.
+    let (ids, _) = list_all(
+        &*store,
+        ListFilter::new().visible_to(Visibility::new("dave", Vec::<String>::new())),
+    )
+    .await;
+    assert_eq!(ids, ["vis-8"]);
+    let (ids, _) = list_all(
+        &*store,
+        ListFilter::new()
+            .visible_to(Visibility::new("erin", ["proj-a", "proj-d"]))
+            .with_limit(1),
+    )
+    .await;
+    assert_eq!(ids, ["vis-8", "vis-6", "vis-1", "vis-0"]);
+
+    // Project names are bound as values, never spliced into the query.
+    let sneaky = Visibility::new("nobody", ["x' OR '1'='1", "proj-z"]);
+    let (ids, _) = list_all(&*store, ListFilter::new().visible_to(sneaky)).await;
+    assert!(ids.is_empty(), "{ids:?}");
 }
 
 pub async fn history_explains_every_transition(h: &impl Harness) {
