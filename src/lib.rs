@@ -22,6 +22,7 @@
 //! | `sqlite` | yes | [`SqliteStore`]: an embedded SQLite file (WAL), migrations included |
 //! | `postgres` | no | `PostgresStore`: one PostgreSQL database shared by many worker processes |
 //! | `mock` | no | `mock::*`: mockall mocks of the core traits for host tests |
+//! | `http` | no | [`http`]: an axum router with auth, problem+json errors, OpenAPI, metrics |
 //!
 //! [`MemoryStore`] is always available.
 //!
@@ -48,6 +49,9 @@ mod queue;
 mod status;
 mod store;
 mod strategy;
+
+#[cfg(feature = "http")]
+pub mod http;
 
 pub use backoff::BackoffPolicy;
 pub use config::{ENV_PREFIX, TableConfig};
