@@ -59,7 +59,8 @@ pub use error::{BoxError, Error, Result};
 pub use executor::{ExecutorRegistry, WorkflowContext, WorkflowError, WorkflowExecutor};
 pub use model::{
     AttemptError, Configuration, ExtractionMode, Lease, MAX_ATTEMPTS_LIMIT,
-    MAX_CONFIGURATION_BYTES, MessageMetadata, NewRequest, Priority, Progress, Request, RequestId,
+    MAX_CONFIGURATION_BYTES, MAX_ERROR_MESSAGE_BYTES, MAX_JSON_DEPTH, MAX_RESULTS_BYTES,
+    MAX_RUN_AFTER_DAYS, MessageMetadata, NewRequest, Priority, Progress, Request, RequestId,
     RequestMessage, RequestResults, RequestType, Source, StatusChange,
 };
 pub use orchestrator::{RootOrchestrator, RootOrchestratorBuilder};

@@ -16,6 +16,14 @@ const MAX_KEYWORDS: usize = 100;
 const MAX_SOURCES: usize = 100;
 /// Largest accepted configuration, serialized as JSON, in bytes.
 pub const MAX_CONFIGURATION_BYTES: usize = 64 * 1024;
+/// Deepest nesting accepted in free-form JSON (custom parameters, result summaries).
+pub const MAX_JSON_DEPTH: usize = 32;
+/// Largest results an executor may return, serialized as JSON, in bytes.
+pub const MAX_RESULTS_BYTES: usize = 1024 * 1024;
+/// Longest error message kept per failed attempt, in bytes; longer ones are cut.
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 8 * 1024;
+/// How far ahead a request may be scheduled, in days.
+pub const MAX_RUN_AFTER_DAYS: i64 = 3650;
 /// Most attempts a request may be given.
 pub const MAX_ATTEMPTS_LIMIT: u32 = 100;
 
@@ -61,7 +69,57 @@ fn check_text(field: &str, value: &str) -> Result<()> {
     if value.chars().any(char::is_control) {
         return Err(Error::invalid(field, "must not contain control characters"));
     }
+    if let Some(hidden) = value.chars().find(|&c| is_invisible_formatting(c)) {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "contains the invisible formatting character U+{:04X}, which could make it \
+                 display as something else",
+                u32::from(hidden)
+            ),
+        ));
+    }
     Ok(())
+}
+
+/// Zero-width and bidirectional-override characters: they change how text displays
+/// without being visible themselves.
+fn is_invisible_formatting(c: char) -> bool {
+    matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
+}
+
+/// Checks free-form JSON: no deeper than [`MAX_JSON_DEPTH`], and no NUL character in a key
+/// or string (PostgreSQL's JSON type cannot hold one). `path` names the value in errors.
+fn check_json(path: &str, value: &serde_json::Value, depth: usize) -> Result<()> {
+    use serde_json::Value;
+
+    if depth > MAX_JSON_DEPTH {
+        return Err(Error::invalid(
+            path,
+            format!("is nested more than {MAX_JSON_DEPTH} levels deep"),
+        ));
+    }
+    let nul = |at: &str| {
+        Error::invalid(
+            at,
+            "contains a NUL character, which stores cannot keep in JSON",
+        )
+    };
+    match value {
+        Value::String(text) if text.contains('\0') => Err(nul(path)),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, item)| check_json(&format!("{path}[{i}]"), item, depth + 1)),
+        Value::Object(fields) => fields.iter().try_for_each(|(key, item)| {
+            let at = format!("{path}.{key}");
+            if key.contains('\0') {
+                return Err(nul(&at));
+            }
+            check_json(&at, item, depth + 1)
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// A request's unique id.
@@ -205,6 +263,7 @@ impl fmt::Display for Priority {
 
 /// One place to search, such as `{"name": "FDA", "type": "regulatory"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Source {
     /// The source's name, such as `FDA` or `PubMed`.
     pub name: String,
@@ -254,6 +313,7 @@ pub enum ExtractionMode {
 /// assert_eq!(field, "configuration.quality_threshold");
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Configuration {
     /// Terms to look for; at least one, each non-blank.
     pub keywords: Vec<String>,
@@ -356,6 +416,7 @@ impl Configuration {
                 "must be a JSON object",
             ));
         }
+        check_json("configuration.custom_params", &self.custom_params, 1)?;
 
         let size = serde_json::to_vec(self)
             .map(|v| v.len())
@@ -432,6 +493,37 @@ impl RequestResults {
             summary,
         }
     }
+
+    /// Checks that every store can keep these results: a summary at most
+    /// [`MAX_JSON_DEPTH`] deep with no NUL character, [`MAX_RESULTS_BYTES`] at most in all.
+    ///
+    /// Workers check an executor's results with this before storing them; results that
+    /// fail it fail the attempt for good instead of being half-stored.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidRequest`] naming the offending part, such as `results.summary.items`.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(path) = &self.report_path
+            && path.contains('\0')
+        {
+            return Err(Error::invalid(
+                "results.report_path",
+                "contains a NUL character",
+            ));
+        }
+        check_json("results.summary", &self.summary, 1)?;
+        let size = serde_json::to_vec(self)
+            .map(|v| v.len())
+            .unwrap_or(usize::MAX);
+        if size > MAX_RESULTS_BYTES {
+            return Err(Error::invalid(
+                "results",
+                format!("are {size} bytes as JSON; at most {MAX_RESULTS_BYTES} are accepted"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Why one attempt failed.
@@ -445,6 +537,29 @@ pub struct AttemptError {
     pub retryable: bool,
     /// When it was recorded.
     pub at: DateTime<Utc>,
+}
+
+impl AttemptError {
+    /// The error of attempt `attempt`, recorded now. The message is cut to
+    /// [`MAX_ERROR_MESSAGE_BYTES`] and NUL characters are replaced, so that every store can
+    /// keep it.
+    pub fn new(attempt: u32, message: impl Into<String>, retryable: bool) -> Self {
+        let mut message = message.into().replace('\0', "\u{FFFD}");
+        if message.len() > MAX_ERROR_MESSAGE_BYTES {
+            let mut cut = MAX_ERROR_MESSAGE_BYTES;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push_str(" [truncated]");
+        }
+        AttemptError {
+            attempt,
+            message,
+            retryable,
+            at: crate::store::now(),
+        }
+    }
 }
 
 /// One transition in a request's status history.
@@ -512,6 +627,53 @@ pub struct Request {
     pub run_after: DateTime<Utc>,
     /// The lease while in flight.
     pub lease: Option<Lease>,
+}
+
+impl Request {
+    /// The request as a store holds it right after accepting `new`: `PENDING`, no attempt
+    /// yet, `max_attempts` attempts unless `new` sets its own. Stores build their records
+    /// with it; host applications can use it to unit-test an executor with
+    /// [`WorkflowContext::detached`](crate::WorkflowContext::detached).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use root_orchestrator::{Configuration, NewRequest, Request, RequestStatus, RequestType};
+    ///
+    /// let new = NewRequest::new("p", "u", RequestType::new("t")?, Configuration::new(["x"]));
+    /// let request = Request::pending(new, 4);
+    /// assert_eq!(request.status, RequestStatus::Pending);
+    /// assert_eq!((request.attempts, request.max_attempts), (0, 4));
+    /// # Ok::<(), root_orchestrator::Error>(())
+    /// ```
+    pub fn pending(new: NewRequest, max_attempts: u32) -> Self {
+        let created_at = crate::store::now();
+        Request {
+            id: new.request_id.unwrap_or_else(RequestId::generate),
+            project_id: new.project_id,
+            user_id: new.user_id,
+            request_type: new.request_type,
+            priority: new.priority,
+            configuration: new.configuration,
+            status: RequestStatus::Pending,
+            progress: Progress::default(),
+            results: None,
+            errors: Vec::new(),
+            history: vec![StatusChange {
+                status: RequestStatus::Pending,
+                at: created_at,
+                worker: None,
+                reason: "submitted".to_owned(),
+            }],
+            attempts: 0,
+            max_attempts: new.max_attempts.unwrap_or(max_attempts),
+            created_at,
+            started_at: None,
+            completed_at: None,
+            run_after: new.run_after.unwrap_or(created_at),
+            lease: None,
+        }
+    }
 }
 
 /// A request as a caller submits it.
@@ -611,6 +773,19 @@ impl NewRequest {
         check_text("project_id", &self.project_id)?;
         check_text("user_id", &self.user_id)?;
         check_identifier("request_type", self.request_type.as_str())?;
+        if let Some(at) = self.run_after {
+            let earliest = DateTime::<Utc>::UNIX_EPOCH;
+            let latest = Utc::now() + chrono::Duration::days(MAX_RUN_AFTER_DAYS);
+            if at < earliest || at > latest {
+                return Err(Error::invalid(
+                    "run_after",
+                    format!(
+                        "must be between 1970-01-01 and {MAX_RUN_AFTER_DAYS} days from now, \
+                         got {at}"
+                    ),
+                ));
+            }
+        }
         if let Some(max) = self.max_attempts
             && !(1..=MAX_ATTEMPTS_LIMIT).contains(&max)
         {
@@ -628,7 +803,8 @@ impl NewRequest {
 pub struct MessageMetadata {
     /// When the producer submitted the request.
     pub submitted_at: DateTime<Utc>,
-    /// Retries already made (0 for a new request).
+    /// Retries already made (0 for a new request). Informational: the store's attempt
+    /// counter is what retries are counted by.
     #[serde(default)]
     pub retry_count: u32,
     /// Retries allowed after the first attempt.
@@ -660,6 +836,7 @@ fn default_max_retries() -> u32 {
 /// }
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RequestMessage {
     /// The request's id; a new one is generated when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -701,12 +878,18 @@ impl RequestMessage {
     /// assert_eq!(field, "configuration.quality_threshold");
     /// ```
     pub fn from_json(body: &str) -> Result<Self> {
-        let deserializer = &mut serde_json::Deserializer::from_str(body);
-        serde_path_to_error::deserialize(deserializer).map_err(|err| {
+        let mut deserializer = serde_json::Deserializer::from_str(body);
+        let message = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
             let path = err.path().to_string();
             let problem = err.into_inner().to_string();
             Error::invalid(path, problem)
-        })
+        })?;
+
+        // One message per body: anything after it would otherwise be silently dropped.
+        deserializer
+            .end()
+            .map_err(|e| Error::invalid(".", format!("has text after the message: {e}")))?;
+        Ok(message)
     }
 
     /// The message for a stored request, as the queue strategy sends it.
@@ -803,6 +986,93 @@ mod tests {
         let mut c = valid_configuration();
         c.custom_params = serde_json::json!([1, 2]);
         assert_eq!(field_of(c.validate()), "configuration.custom_params");
+    }
+
+    #[test]
+    fn free_form_json_that_stores_cannot_keep_is_refused_with_its_path() {
+        let mut c = valid_configuration();
+        let mut deep = serde_json::json!("bottom");
+        for _ in 0..40 {
+            deep = serde_json::json!([deep]);
+        }
+        c.custom_params = serde_json::json!({ "nested": deep });
+        let field = field_of(c.validate());
+        assert!(
+            field.starts_with("configuration.custom_params.nested[0]"),
+            "{field}"
+        );
+
+        let mut c = valid_configuration();
+        c.custom_params = serde_json::json!({ "note": ["fine", "nul\u{0}here"] });
+        assert_eq!(
+            field_of(c.validate()),
+            "configuration.custom_params.note[1]"
+        );
+
+        let results = RequestResults::new(None, serde_json::json!({ "x": deep }));
+        assert!(field_of(results.validate()).starts_with("results.summary.x"));
+        let big = RequestResults::new(None, serde_json::json!("x".repeat(MAX_RESULTS_BYTES)));
+        assert_eq!(field_of(big.validate()), "results");
+    }
+
+    #[test]
+    fn invisible_formatting_characters_are_refused() {
+        let mut request = NewRequest::new(
+            "project",
+            "u\u{202E}gnp.exe",
+            RequestType::new("t").unwrap(),
+            valid_configuration(),
+        );
+        assert_eq!(field_of(request.validate()), "user_id");
+
+        request.user_id = "analyst".into();
+        request.configuration.keywords = vec!["sema\u{200B}glutide".into()];
+        assert_eq!(field_of(request.validate()), "configuration.keywords[0]");
+    }
+
+    #[test]
+    fn run_after_must_be_within_reach() {
+        let far = Utc::now() + chrono::Duration::days(MAX_RUN_AFTER_DAYS + 1);
+        let request = NewRequest::new(
+            "p",
+            "u",
+            RequestType::new("t").unwrap(),
+            valid_configuration(),
+        )
+        .with_run_after(far);
+        assert_eq!(field_of(request.validate()), "run_after");
+    }
+
+    #[test]
+    fn long_error_messages_are_cut_and_nul_characters_replaced() {
+        let error = AttemptError::new(
+            1,
+            format!("a\0b{}", "é".repeat(MAX_ERROR_MESSAGE_BYTES)),
+            true,
+        );
+        assert!(error.message.starts_with("a\u{FFFD}b"));
+        assert!(error.message.ends_with(" [truncated]"));
+        assert!(error.message.len() <= MAX_ERROR_MESSAGE_BYTES + " [truncated]".len());
+    }
+
+    #[test]
+    fn messages_refuse_unknown_fields_and_trailing_text() {
+        let good = r#"{"project_id":"p","user_id":"u","request_type":"t",
+            "configuration":{"keywords":["x"],"sources":[{"name":"FDA","type":"regulatory"}]}}"#;
+        assert!(RequestMessage::from_json(good).is_ok());
+
+        let misspelled = good.replace("\"project_id\"", "\"prority\":\"high\",\"project_id\"");
+        let err = RequestMessage::from_json(&misspelled).unwrap_err();
+        assert!(err.to_string().contains("prority"), "{err}");
+
+        let typo = good.replace("\"keywords\"", "\"qualty_threshold\":5,\"keywords\"");
+        assert!(matches!(
+            RequestMessage::from_json(&typo),
+            Err(Error::InvalidRequest { ref field, .. }) if field.starts_with("configuration")
+        ));
+
+        assert!(RequestMessage::from_json(&format!("{good} trailing")).is_err());
+        assert!(RequestMessage::from_json(&format!("{good}{good}")).is_err());
     }
 
     #[test]

@@ -54,3 +54,54 @@ fn postgres() -> PostgresHarness {
 }
 
 store_suite!(postgres());
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_row_is_failed_without_breaking_the_claim_of_its_neighbours() {
+    use root_orchestrator::{Priority, RequestStatus};
+
+    let schema = pg::fresh_schema("ro_conf");
+    let store = pg::connect(&schema, 3).await;
+    for id in ["healthy-1", "damaged", "healthy-2"] {
+        store
+            .insert(conformance::new_request(id, Priority::Medium), 3)
+            .await
+            .unwrap();
+    }
+    // Valid JSONB, but nested deeper than a reader accepts: as a faulty tool might write.
+    let deep = format!("{}1{}", "[".repeat(300), "]".repeat(300));
+    sqlx::query(
+        "UPDATE requests SET configuration = jsonb_set(configuration, '{custom_params,x}', \
+         $1::jsonb) WHERE id = 'damaged'",
+    )
+    .bind(deep)
+    .execute(store.pool())
+    .await
+    .unwrap();
+
+    let claimed = store
+        .claim("worker", 10, std::time::Duration::from_secs(60))
+        .await
+        .unwrap();
+    let ids: Vec<_> = claimed.iter().map(|r| r.id.to_string()).collect();
+    assert_eq!(ids, ["healthy-1", "healthy-2"]);
+    let status: String = sqlx::query_scalar("SELECT status FROM requests WHERE id = 'damaged'")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(status, RequestStatus::Failed.as_str());
+
+    store.close().await;
+    pg::drop_schema(&schema).await;
+}
+
+#[tokio::test]
+async fn schema_names_postgres_would_change_or_cannot_notify_on_are_refused() {
+    for schema in ["Upper_Case", "pg_reserved", &"s".repeat(46)] {
+        let mut options = root_orchestrator::PostgresStoreOptions::default();
+        options.schema = Some(schema.to_owned());
+        match root_orchestrator::PostgresStore::connect_with(&pg::database_url(), options).await {
+            Err(root_orchestrator::Error::InvalidConfig { name, .. }) => assert_eq!(name, "schema"),
+            other => panic!("{schema}: expected InvalidConfig, got {other:?}"),
+        }
+    }
+}

@@ -707,3 +707,37 @@ async fn a_second_run_of_the_same_workers_is_refused_while_the_first_runs() {
     again.cancel();
     orchestrator.run_with_token(again).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn results_no_store_could_keep_fail_the_request_at_once_with_the_reason() {
+    let executor = scripted(|_, _| async {
+        let mut deep = serde_json::json!(1);
+        for _ in 0..100 {
+            deep = serde_json::json!([deep]);
+        }
+        Ok(RequestResults::new(
+            None,
+            serde_json::json!({ "tree": deep }),
+        ))
+    });
+    let running = Running::start(fast_config(), executor).await;
+
+    let id = running.submit(request("deep")).await;
+    let failed = running.wait_terminal(&id).await;
+
+    assert_eq!(failed.status, RequestStatus::Failed);
+    assert_eq!(failed.attempts, 1, "not worth a retry");
+    assert!(
+        failed.errors[0].message.contains("results.summary.tree"),
+        "{:?}",
+        failed.errors
+    );
+    // The listing, which reads every row, still works.
+    let page = running
+        .orchestrator
+        .list(&root_orchestrator::ListFilter::new())
+        .await
+        .unwrap();
+    assert_eq!(page.requests.len(), 1);
+    running.shutdown().await;
+}

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 
 use super::{
     CancelOutcome, InsertOutcome, LeaseRef, ListFilter, RequestPage, RequestStore, RescuedRequest,
-    WriteOutcome, after, expired_lease_message, now,
+    WriteOutcome, after, expired_lease_error, now,
 };
 use crate::error::Result;
 use crate::model::{
@@ -121,40 +121,20 @@ fn take_lease(request: &mut Request, owner: &str, lease_duration: Duration) {
 impl RequestStore for MemoryStore {
     async fn insert(&self, new: NewRequest, max_attempts: u32) -> Result<InsertOutcome> {
         let mut state = self.lock();
-        let id = new.request_id.clone().unwrap_or_else(RequestId::generate);
-        if let Some((_, existing)) = state.requests.get(&id) {
+        if let Some((_, existing)) = new
+            .request_id
+            .as_ref()
+            .and_then(|id| state.requests.get(id))
+        {
             return Ok(InsertOutcome::Existing(existing.clone()));
         }
 
-        let created_at = now();
-        let request = Request {
-            id: id.clone(),
-            project_id: new.project_id,
-            user_id: new.user_id,
-            request_type: new.request_type,
-            priority: new.priority,
-            configuration: new.configuration,
-            status: RequestStatus::Pending,
-            progress: Progress::default(),
-            results: None,
-            errors: Vec::new(),
-            history: vec![StatusChange {
-                status: RequestStatus::Pending,
-                at: created_at,
-                worker: None,
-                reason: "submitted".to_owned(),
-            }],
-            attempts: 0,
-            max_attempts: new.max_attempts.unwrap_or(max_attempts),
-            created_at,
-            started_at: None,
-            completed_at: None,
-            run_after: new.run_after.unwrap_or(created_at),
-            lease: None,
-        };
+        let request = Request::pending(new, max_attempts);
         let seq = state.next_seq;
         state.next_seq += 1;
-        state.requests.insert(id, (seq, request.clone()));
+        state
+            .requests
+            .insert(request.id.clone(), (seq, request.clone()));
         Ok(InsertOutcome::Inserted(request))
     }
 
@@ -336,12 +316,9 @@ impl RequestStore for MemoryStore {
                 continue;
             }
 
-            request.errors.push(AttemptError {
-                attempt: request.attempts,
-                message: expired_lease_message(&lease.owner),
-                retryable: true,
-                at,
-            });
+            request
+                .errors
+                .push(expired_lease_error(request.attempts, &lease.owner));
             let status = if request.attempts >= request.max_attempts {
                 RequestStatus::Failed
             } else {

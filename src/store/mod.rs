@@ -464,7 +464,11 @@ pub(crate) fn after(now: DateTime<Utc>, duration: Duration) -> DateTime<Utc> {
         .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
-/// The message recorded for an attempt lost to an expired lease.
-pub(crate) fn expired_lease_message(owner: &str) -> String {
-    format!("lease of worker {owner} expired before the attempt finished")
+/// The error recorded for attempt `attempt`, lost when `owner`'s lease expired.
+pub(crate) fn expired_lease_error(attempt: u32, owner: &str) -> AttemptError {
+    AttemptError::new(
+        attempt,
+        format!("lease of worker {owner} expired before the attempt finished"),
+        true,
+    )
 }

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use super::row::{StoredRow, history_entry, to_json, unreadable};
 use super::{
     CancelOutcome, InsertOutcome, LeaseRef, ListFilter, RequestPage, RequestStore, RescuedRequest,
-    StoreEvent, StoreEvents, WriteOutcome, expired_lease_message, now,
+    StoreEvent, StoreEvents, WriteOutcome, expired_lease_error,
 };
 use crate::error::{Error, Result};
 use crate::model::{AttemptError, NewRequest, Progress, Request, RequestId, RequestResults};
@@ -56,7 +56,8 @@ pub struct PostgresStoreOptions {
     /// How long a query waits for a free connection before failing. Default 5 s.
     pub acquire_timeout: Duration,
     /// The schema holding the tables, created if missing; the connection's default
-    /// (`public`) when `None`. Letters, digits and `_` only.
+    /// (`public`) when `None`. Lowercase letters, digits and `_`, at most 45 bytes (the
+    /// notification channel is named after it), not starting with a digit or `pg_`.
     pub schema: Option<String>,
     /// `application_name` of every connection, as shown in `pg_stat_activity`.
     pub application_name: String,
@@ -167,7 +168,7 @@ impl PostgresStore {
             .map_err(|e| Error::store("connect", e))?;
         Ok(PostgresStore {
             pool,
-            channel: format!("root_orchestrator:{schema}"),
+            channel: format!("{CHANNEL_PREFIX}{schema}"),
         })
     }
 
@@ -179,6 +180,26 @@ impl PostgresStore {
     /// Closes every connection; later calls fail.
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+
+    /// Fails a just-claimed request whose row cannot be read back, so that it neither
+    /// breaks the claim of the healthy requests beside it nor returns when its lease
+    /// lapses, only to break the next claim.
+    async fn quarantine(&self, row: &PgRow, problem: &Error) {
+        let id = row.try_get::<String, _>("id").unwrap_or_default();
+        let token = row.try_get::<String, _>("lease_token").unwrap_or_default();
+        tracing::error!(request_id = %id, error = %problem, "claimed request cannot be read; failing it");
+        let failed = sqlx::query(
+            "UPDATE requests SET status = 'FAILED', completed_at = now(), lease_owner = NULL, \
+                 lease_token = NULL, lease_expires_at = NULL WHERE id = $1 AND lease_token = $2",
+        )
+        .bind(&id)
+        .bind(&token)
+        .execute(&self.pool)
+        .await;
+        if let Err(err) = failed {
+            tracing::error!(request_id = %id, error = %err, "could not fail the unreadable request");
+        }
     }
 
     async fn outcome(
@@ -217,20 +238,31 @@ async fn create_schema(pool: &PgPool, schema: &str) -> std::result::Result<(), s
     tx.commit().await
 }
 
+/// Longest schema name: the notification channel `root_orchestrator:<schema>` must fit
+/// PostgreSQL's 63-byte identifiers.
+const MAX_SCHEMA_LEN: usize = 63 - CHANNEL_PREFIX.len();
+const CHANNEL_PREFIX: &str = "root_orchestrator:";
+
+/// Schema names are kept to what PostgreSQL leaves unchanged when unquoted (lowercase), so
+/// that `search_path` and `CREATE SCHEMA` mean the same schema; `pg_` names are reserved.
 fn check_schema_name(schema: &str) -> Result<()> {
     let plain = !schema.is_empty()
-        && schema.len() <= 63
+        && schema.len() <= MAX_SCHEMA_LEN
         && schema
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_')
-        && !schema.starts_with(|c: char| c.is_ascii_digit());
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !schema.starts_with(|c: char| c.is_ascii_digit())
+        && !schema.starts_with("pg_");
     if plain {
         return Ok(());
     }
     Err(Error::InvalidConfig {
         name: "schema".into(),
         value: schema.to_owned(),
-        expected: "1 to 63 ASCII letters, digits or _, not starting with a digit".into(),
+        expected: format!(
+            "1 to {MAX_SCHEMA_LEN} lowercase ASCII letters, digits or _, not starting with a \
+             digit or pg_"
+        ),
     })
 }
 
@@ -431,10 +463,13 @@ impl RequestStore for PostgresStore {
         .map_err(|e| Error::store("claim", e))?;
 
         // RETURNING does not keep the CTE's order; restore claim order.
-        let mut claimed = rows
-            .iter()
-            .map(|row| Ok((column::<i64>(row, "", "seq")?, request_from_row(row)?)))
-            .collect::<Result<Vec<_>>>()?;
+        let mut claimed = Vec::with_capacity(rows.len());
+        for row in &rows {
+            match request_from_row(row) {
+                Ok(request) => claimed.push((column::<i64>(row, "", "seq")?, request)),
+                Err(problem) => self.quarantine(row, &problem).await,
+            }
+        }
         claimed.sort_by_key(|(seq, r)| (r.priority.rank(), r.created_at, *seq));
         Ok(claimed.into_iter().map(|(_, r)| r).collect())
     }
@@ -461,7 +496,16 @@ impl RequestStore for PostgresStore {
         .fetch_optional(&self.pool)
         .await
         .map_err(|e| Error::store("claim_request", e))?;
-        row.as_ref().map(request_from_row).transpose()
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        match request_from_row(&row) {
+            Ok(request) => Ok(Some(request)),
+            Err(problem) => {
+                self.quarantine(&row, &problem).await;
+                Err(problem)
+            }
+        }
     }
 
     async fn mark_executing(&self, lease: &LeaseRef) -> Result<WriteOutcome> {
@@ -666,12 +710,7 @@ impl RequestStore for PostgresStore {
             } else {
                 RequestStatus::Pending
             };
-            let error = AttemptError {
-                attempt: attempts,
-                message: expired_lease_message(&owner),
-                retryable: true,
-                at: now(),
-            };
+            let error = expired_lease_error(attempts, &owner);
 
             // Conditional on the very lease that was seen expired: a completion, cancel or
             // heartbeat that committed since then makes this update match nothing.
@@ -827,6 +866,10 @@ mod tests {
     #[test]
     fn schema_names_are_plain_identifiers() {
         assert!(check_schema_name("tenant_7").is_ok());
+        assert!(check_schema_name("Tenant").is_err());
+        assert!(check_schema_name("pg_tenant").is_err());
+        assert!(check_schema_name(&"a".repeat(MAX_SCHEMA_LEN)).is_ok());
+        assert!(check_schema_name(&"a".repeat(MAX_SCHEMA_LEN + 1)).is_err());
         assert!(check_schema_name("7tenant").is_err());
         assert!(check_schema_name("a\"; DROP TABLE requests; --").is_err());
         assert!(check_schema_name("").is_err());

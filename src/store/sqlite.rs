@@ -15,7 +15,7 @@ use sqlx::{Row, migrate::Migrator};
 use super::row::{StoredRow, history_entry, to_json, unreadable};
 use super::{
     CancelOutcome, InsertOutcome, LeaseRef, ListFilter, RequestPage, RequestStore, RescuedRequest,
-    WriteOutcome, after, expired_lease_message, now,
+    WriteOutcome, after, expired_lease_error, now,
 };
 use crate::error::{Error, Result};
 use crate::model::{AttemptError, NewRequest, Progress, Request, RequestId, RequestResults};
@@ -34,6 +34,9 @@ macro_rules! claim_set {
 }
 
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
+
+/// Tries at migrating before giving up (see [`SqliteStore::migrate`]).
+const MIGRATION_ATTEMPTS: u32 = 5;
 
 /// Columns every query that returns requests selects, in this order; a macro so that
 /// `concat!` can build each query as one literal.
@@ -128,12 +131,25 @@ impl SqliteStore {
     ///
     /// [`Error::Migration`] when a migration fails.
     pub async fn migrate(&self) -> Result<()> {
-        MIGRATOR
-            .run(&self.pool)
-            .await
-            .map_err(|e| Error::Migration {
-                source: Box::new(e),
-            })
+        // SQLite has no advisory lock, so two processes opening a new file at once may
+        // both try the first migration; the loser fails on the table the winner created.
+        // Each migration is one transaction, so trying again finds it recorded as applied.
+        let mut attempt = 1;
+        loop {
+            match MIGRATOR.run(&self.pool).await {
+                Ok(()) => return Ok(()),
+                Err(err) if attempt < MIGRATION_ATTEMPTS => {
+                    tracing::debug!(error = %err, attempt, "migration raced another process; retrying");
+                    tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
+                    attempt += 1;
+                }
+                Err(err) => {
+                    return Err(Error::Migration {
+                        source: Box::new(err),
+                    });
+                }
+            }
+        }
     }
 
     /// The underlying connection pool.
@@ -144,6 +160,27 @@ impl SqliteStore {
     /// Closes every connection; later calls fail.
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+
+    /// Fails a just-claimed request whose row cannot be read back, so that it neither
+    /// breaks the claim of the healthy requests beside it nor returns when its lease
+    /// lapses, only to break the next claim.
+    async fn quarantine(&self, row: &SqliteRow, problem: &Error) {
+        let id = row.try_get::<String, _>("id").unwrap_or_default();
+        let token = row.try_get::<String, _>("lease_token").unwrap_or_default();
+        tracing::error!(request_id = %id, error = %problem, "claimed request cannot be read; failing it");
+        let failed = sqlx::query(
+            "UPDATE requests SET status = 'FAILED', completed_at = ?, lease_owner = NULL, \
+                 lease_token = NULL, lease_expires_at = NULL WHERE id = ? AND lease_token = ?",
+        )
+        .bind(micros(now()))
+        .bind(&id)
+        .bind(&token)
+        .execute(&self.pool)
+        .await;
+        if let Err(err) = failed {
+            tracing::error!(request_id = %id, error = %err, "could not fail the unreadable request");
+        }
     }
 
     /// Turns the number of rows a fenced write touched into its outcome.
@@ -378,15 +415,13 @@ impl RequestStore for SqliteStore {
         .map_err(|e| Error::store("claim", e))?;
 
         // RETURNING does not keep the subquery's order; restore claim order.
-        let mut claimed: Vec<(i64, Request)> = rows
-            .iter()
-            .map(|row| {
-                Ok((
-                    row.try_get::<i64, _>("seq").unwrap_or_default(),
-                    request_from_row(row)?,
-                ))
-            })
-            .collect::<Result<_>>()?;
+        let mut claimed = Vec::with_capacity(rows.len());
+        for row in &rows {
+            match request_from_row(row) {
+                Ok(request) => claimed.push((column::<i64>(row, "", "seq")?, request)),
+                Err(problem) => self.quarantine(row, &problem).await,
+            }
+        }
         claimed.sort_by_key(|(seq, r)| (r.priority.rank(), r.created_at, *seq));
         Ok(claimed.into_iter().map(|(_, r)| r).collect())
     }
@@ -415,7 +450,16 @@ impl RequestStore for SqliteStore {
         .fetch_optional(&self.pool)
         .await
         .map_err(|e| Error::store("claim_request", e))?;
-        row.as_ref().map(request_from_row).transpose()
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        match request_from_row(&row) {
+            Ok(request) => Ok(Some(request)),
+            Err(problem) => {
+                self.quarantine(&row, &problem).await;
+                Err(problem)
+            }
+        }
     }
 
     async fn mark_executing(&self, lease: &LeaseRef) -> Result<WriteOutcome> {
@@ -629,12 +673,7 @@ impl RequestStore for SqliteStore {
             } else {
                 RequestStatus::Pending
             };
-            let error = AttemptError {
-                attempt: attempts,
-                message: expired_lease_message(&owner),
-                retryable: true,
-                at,
-            };
+            let error = expired_lease_error(attempts, &owner);
 
             // Conditional on the very lease that was seen expired: a completion, cancel or
             // heartbeat that committed since then makes this update match nothing.

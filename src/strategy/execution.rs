@@ -179,7 +179,17 @@ async fn run_leased(
                 Ok(joined) => joined.map_err(panic_message),
                 Err(_) => {
                     task.abort();
-                    tracing::info!("executor ignored the cancel; dropped it");
+                    tracing::info!("executor ignored the cancel; dropping it");
+
+                    // Aborting takes effect at the executor's next await; one that blocks
+                    // its thread runs on. Its slot stays taken until it really ends, so the
+                    // concurrency limit holds; only a shutdown's hand-back stops the wait.
+                    tokio::select! {
+                        _ = &mut task => {}
+                        _ = hand_back.cancelled() => {
+                            tracing::warn!("executor still running at shutdown; left behind");
+                        }
+                    }
                     return AttemptEnd::Superseded;
                 }
             }
@@ -189,6 +199,18 @@ async fn run_leased(
     let elapsed = started.elapsed();
     metrics::histogram!("root_orchestrator_processing_seconds", &labels)
         .record(elapsed.as_secs_f64());
+
+    // Results no store could keep fail the attempt for good, instead of a write that can
+    // never succeed and a lease left to lapse.
+    let finished = match finished {
+        Ok(Ok(results)) => match results.validate() {
+            Ok(()) => Ok(Ok(results)),
+            Err(problem) => Ok(Err(WorkflowError::permanent(format!(
+                "the executor's results cannot be stored: {problem}"
+            )))),
+        },
+        other => other,
+    };
 
     match finished {
         Ok(Ok(results)) => {
@@ -235,12 +257,7 @@ async fn record_failure(
     let message = error_chain(&error);
     let retry_at = (worth_retrying && request.attempts < request.max_attempts)
         .then(|| after(now(), settings.backoff.delay(request.attempts)));
-    let attempt_error = AttemptError {
-        attempt: request.attempts,
-        message: message.clone(),
-        retryable: worth_retrying,
-        at: now(),
-    };
+    let attempt_error = AttemptError::new(request.attempts, message.clone(), worth_retrying);
 
     let outcome = write_final(
         || store.fail_attempt(lease, &attempt_error, retry_at),
