@@ -865,7 +865,10 @@ async fn the_openapi_document_covers_every_route_with_the_answers_it_gives() {
     let minimal = json!({
         "project_id": "glp1",
         "request_type": INTEL,
-        "configuration": {"keywords": ["semaglutide"], "sources": [{"name": "FDA", "type": "regulatory"}]},
+        "configuration": {
+            "keywords": ["semaglutide"],
+            "sources": [{"name": "FDA", "type": "regulatory"}],
+        },
     });
     server.submit(ALICE, &minimal).await;
     server.stop().await;

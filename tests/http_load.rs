@@ -114,12 +114,13 @@ async fn two_hundred_concurrent_submits_are_all_processed_and_listed_once() {
     assert_eq!(pages, TOTAL.div_ceil(7));
     assert_eq!(listed.iter().cloned().collect::<BTreeSet<_>>(), submitted);
     let reply = server.get(&format!("{COLLECTION}?limit=100"), "lead").await;
-    let created: Vec<&str> = reply.json["requests"]
+    let created: Vec<chrono::DateTime<chrono::FixedOffset>> = reply.json["requests"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| r["created_at"].as_str().unwrap())
+        .map(|r| chrono::DateTime::parse_from_rfc3339(r["created_at"].as_str().unwrap()).unwrap())
         .collect();
+    assert_eq!(created.len(), 100);
     assert!(created.windows(2).all(|w| w[0] >= w[1]), "newest first");
 
     // Each analyst lists only their own project's share.

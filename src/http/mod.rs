@@ -5,9 +5,9 @@
 //! |---|---|
 //! | `POST /market-intelligence/requests` | 202: the stored request's id, status and links |
 //! | `GET /market-intelligence/requests` | the caller's visible requests, newest first, in pages |
-//! | `GET /market-intelligence/requests/{id}/status` | status, progress, attempts, timestamps, errors |
-//! | `GET /market-intelligence/requests/{id}/results` | 200 once `COMPLETED`, 409 before or on failure |
-//! | `POST /market-intelligence/requests/{id}/cancel` | 200 when cancelled, 409 once finished |
+//! | `GET .../requests/{id}/status` | status, progress, attempts, timestamps, errors |
+//! | `GET .../requests/{id}/results` | 200 once `COMPLETED`, 409 before or on failure |
+//! | `POST .../requests/{id}/cancel` | 200 when cancelled, 409 once finished |
 //! | `GET /health`, `GET /ready` | liveness; readiness (the store answers) |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /openapi.json` | the OpenAPI 3.1 document of all of the above |

@@ -204,9 +204,11 @@ fn read_submission(
             body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid credentials",
             body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "`user_id` is not the caller, or `project_id` is not one of the caller's projects",
+        (status = 403, description = "`user_id` is not the caller, or `project_id` is not \
+            one of the caller's projects",
             body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "The `request_id` is taken by a request the caller may not see",
+        (status = 409, description = "The `request_id` is taken by a request the caller \
+            may not see",
             body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "The body is larger than the server accepts",
             body = Problem, content_type = "application/problem+json"),
@@ -304,7 +306,9 @@ pub(crate) async fn status(
             body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such request visible to the caller",
             body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "No results: not completed yet (`results-not-ready`, with `request_status`), failed (`request-failed`, with `errors`) or cancelled (`request-cancelled`)",
+        (status = 409, description = "No results: not completed yet (`results-not-ready`, \
+            with `request_status`), failed (`request-failed`, with `errors`) or cancelled \
+            (`request-cancelled`)",
             body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "The store cannot be reached",
             body = Problem, content_type = "application/problem+json"),
