@@ -98,6 +98,32 @@ pub enum Error {
         source: BoxError,
     },
 
+    /// A queue operation failed in the backend (connection lost, throttled, timed out, a
+    /// receipt handle that is no longer valid, ...).
+    ///
+    /// Usually transient: the consumers log it and try again; a message whose handling was
+    /// interrupted comes back when its visibility timeout lapses.
+    #[error("queue operation `{operation}` on `{queue}` failed")]
+    Queue {
+        /// The [`QueueBackend`](crate::QueueBackend) operation that failed, such as `receive`.
+        operation: &'static str,
+        /// The queue it was made on: its name or URL.
+        queue: String,
+        /// The backend's error.
+        #[source]
+        source: BoxError,
+    },
+
+    /// A message is larger than the queue accepts; it was not sent.
+    #[error("a message of {size} bytes is larger than the queue's limit of {limit} bytes")]
+    MessageTooLarge {
+        /// The message's size: its body in UTF-8 bytes (plus its attributes, where the
+        /// queue counts them).
+        size: usize,
+        /// The most the queue accepts, in bytes.
+        limit: usize,
+    },
+
     /// The store's schema could not be brought up to date.
     #[error("could not apply the store's migrations")]
     Migration {
@@ -142,6 +168,19 @@ impl Error {
         }
     }
 
+    /// Wraps a backend error raised by the queue operation `operation` on `queue`.
+    pub fn queue(
+        operation: &'static str,
+        queue: impl Into<String>,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        Error::Queue {
+            operation,
+            queue: queue.into(),
+            source: source.into(),
+        }
+    }
+
     /// A validation error for `field`.
     pub fn invalid(field: impl Into<String>, problem: impl Into<String>) -> Self {
         Error::InvalidRequest {
@@ -152,6 +191,6 @@ impl Error {
 
     /// Whether trying the same operation again later may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Error::Store { .. })
+        matches!(self, Error::Store { .. } | Error::Queue { .. })
     }
 }

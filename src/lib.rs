@@ -64,7 +64,9 @@ pub use model::{
     RequestMessage, RequestResults, RequestType, Source, StatusChange,
 };
 pub use orchestrator::{RootOrchestrator, RootOrchestratorBuilder};
-pub use queue::{QueueBackend, QueueDepth, ReceivedMessage};
+#[cfg(feature = "queue")]
+pub use queue::{DeadLetter, MemoryQueue};
+pub use queue::{OutgoingMessage, QueueBackend, QueueDepth, ReceivedMessage};
 pub use status::RequestStatus;
 #[cfg(feature = "sqlite")]
 pub use store::SqliteStore;

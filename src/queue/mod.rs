@@ -1,4 +1,4 @@
-//! Message queues behind the queue strategy: the [`QueueBackend`] trait.
+//! Message queues behind the queue strategy: the [`QueueBackend`] trait and its backends.
 //!
 //! A backend gives SQS semantics: a received message stays invisible to other consumers
 //! for a visibility timeout and comes back if it is not deleted in time; each delivery
@@ -9,6 +9,33 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::error::Result;
+
+#[cfg(feature = "queue")]
+mod memory;
+
+#[cfg(feature = "queue")]
+pub use memory::{DeadLetter, MemoryQueue};
+
+/// Most messages one receive or one batch call handles (SQS's limit).
+#[cfg(feature = "queue")]
+pub(crate) const MAX_BATCH_SIZE: usize = 10;
+
+/// Longest delay a message can be sent with (SQS's limit: 15 minutes).
+#[cfg(feature = "queue")]
+pub(crate) const MAX_DELAY: Duration = Duration::from_secs(900);
+
+/// Longest a received message can be kept invisible (SQS's limit: 12 hours).
+#[cfg(feature = "queue")]
+pub(crate) const MAX_VISIBILITY_TIMEOUT: Duration = Duration::from_secs(43_200);
+
+/// Longest a receive can wait for a message (SQS's long-polling limit: 20 seconds).
+#[cfg(feature = "queue")]
+pub(crate) const MAX_WAIT_TIME: Duration = Duration::from_secs(20);
+
+/// Largest message body SQS accepts, in UTF-8 bytes: 1 MiB, since SQS raised its limit
+/// from 256 KiB in 2025. A queue may be configured to accept less
+/// ([`QueueBackend::max_message_bytes`]).
+pub(crate) const MAX_MESSAGE_BYTES: usize = 1_048_576;
 
 /// A message handed to a consumer by [`QueueBackend::receive`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +68,32 @@ impl ReceivedMessage {
     }
 }
 
+/// A message to send with [`QueueBackend::send_batch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct OutgoingMessage {
+    /// The body, UTF-8 text.
+    pub body: String,
+    /// How long the message stays undeliverable after it is sent (at most 15 minutes).
+    pub delay: Duration,
+}
+
+impl OutgoingMessage {
+    /// A message with `body`, deliverable at once.
+    pub fn new(body: impl Into<String>) -> Self {
+        OutgoingMessage {
+            body: body.into(),
+            delay: Duration::ZERO,
+        }
+    }
+
+    /// The same message, deliverable only after `delay`.
+    pub fn with_delay(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+}
+
 /// How many messages a queue holds, for metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -56,14 +109,50 @@ pub struct QueueDepth {
 }
 
 /// A message queue with SQS semantics.
+///
+/// Values beyond what SQS allows are clamped by the backends: delays to 15 minutes,
+/// visibility timeouts to 12 hours, long-poll waits to 20 seconds, receives to 10 messages.
+/// The batch calls take any number of entries and return one result per entry, in order; a
+/// backend splits them into calls it accepts. Message sizes are UTF-8 bytes, at most 1 MiB
+/// (SQS's limit since 2025; a queue may be set to accept less).
 #[cfg_attr(any(test, feature = "mock"), mockall::automock)]
 #[async_trait]
 pub trait QueueBackend: Send + Sync + 'static {
     /// Sends `body`, deliverable after `delay`; returns the message id.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MessageTooLarge`](crate::Error::MessageTooLarge) when the body is over
+    /// [`max_message_bytes`](Self::max_message_bytes), [`Error::Queue`](crate::Error::Queue) when
+    /// the queue refuses or cannot be reached.
     async fn send(&self, body: &str, delay: Duration) -> Result<String>;
+
+    /// Sends several messages; returns each one's id or error, in order.
+    ///
+    /// The default sends them one at a time.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Queue`](crate::Error::Queue) when the call as a whole fails; a message the queue
+    /// refused has its own error in the result.
+    async fn send_batch(&self, messages: &[OutgoingMessage]) -> Result<Vec<Result<String>>> {
+        let mut results = Vec::with_capacity(messages.len());
+        for message in messages {
+            results.push(self.send(&message.body, message.delay).await);
+        }
+        Ok(results)
+    }
 
     /// Receives up to `max_messages` messages, waiting up to `wait` for the first one
     /// (long polling); each stays invisible to other consumers for `visibility_timeout`.
+    ///
+    /// A message whose receive count would pass the queue's receive limit is moved to the
+    /// dead-letter queue instead of being delivered.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Queue`](crate::Error::Queue) when the queue cannot be reached or does not answer in
+    /// time.
     async fn receive(
         &self,
         max_messages: usize,
@@ -72,14 +161,96 @@ pub trait QueueBackend: Send + Sync + 'static {
     ) -> Result<Vec<ReceivedMessage>>;
 
     /// Deletes a delivered message for good.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Queue`](crate::Error::Queue) when the queue cannot be reached or refuses the
+    /// handle.
     async fn delete(&self, receipt_handle: &str) -> Result<()>;
 
-    /// Makes a delivered message visible again after `timeout` (zero: at once).
+    /// Deletes several delivered messages; returns each one's outcome, in order.
+    ///
+    /// The default deletes them one at a time.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Queue`](crate::Error::Queue) when the call as a whole fails.
+    async fn delete_batch(&self, receipt_handles: &[String]) -> Result<Vec<Result<()>>> {
+        let mut results = Vec::with_capacity(receipt_handles.len());
+        for handle in receipt_handles {
+            results.push(self.delete(handle).await);
+        }
+        Ok(results)
+    }
+
+    /// Makes a delivered message visible again after `timeout` (zero: at once). The
+    /// message's receive count does not change.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Queue`](crate::Error::Queue) when the queue cannot be reached, the handle is no
+    /// longer valid, or the message is not in flight.
     async fn change_visibility(&self, receipt_handle: &str, timeout: Duration) -> Result<()>;
 
-    /// Moves a delivered message to the dead-letter queue, noting `reason`.
+    /// Re-times several delivered messages, each by its own `(receipt handle, timeout)`;
+    /// returns each one's outcome, in order.
+    ///
+    /// The default re-times them one at a time.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Queue`](crate::Error::Queue) when the call as a whole fails.
+    async fn change_visibility_batch(
+        &self,
+        changes: &[(String, Duration)],
+    ) -> Result<Vec<Result<()>>> {
+        let mut results = Vec::with_capacity(changes.len());
+        for (handle, timeout) in changes {
+            results.push(self.change_visibility(handle, *timeout).await);
+        }
+        Ok(results)
+    }
+
+    /// Moves a delivered message to the dead-letter queue, body unchanged, noting `reason`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Queue`](crate::Error::Queue) when either queue cannot be reached; the message then
+    /// stays where it was and comes back after its visibility timeout.
     async fn dead_letter(&self, message: &ReceivedMessage, reason: &str) -> Result<()>;
 
+    /// Moves up to `max_messages` messages from the dead-letter queue back to the queue,
+    /// bodies unchanged; returns how many were moved.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Queue`](crate::Error::Queue) when either queue cannot be reached; messages moved
+    /// before the fault stay moved.
+    async fn redrive_dead_letters(&self, max_messages: usize) -> Result<usize>;
+
     /// How many messages the queue and its dead-letter queue hold.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Queue`](crate::Error::Queue) when the queue cannot be reached.
     async fn depth(&self) -> Result<QueueDepth>;
+
+    /// The largest message the queue accepts, in UTF-8 bytes; 1 MiB unless the backend
+    /// says otherwise.
+    fn max_message_bytes(&self) -> usize {
+        MAX_MESSAGE_BYTES
+    }
+}
+
+/// Refuses `body` when it is over `limit` bytes of UTF-8.
+#[cfg(feature = "queue")]
+pub(crate) fn check_size(body: &str, limit: usize) -> Result<()> {
+    // `str::len` is the UTF-8 length, which is what SQS counts (not characters).
+    if body.len() > limit {
+        return Err(crate::error::Error::MessageTooLarge {
+            size: body.len(),
+            limit,
+        });
+    }
+    Ok(())
 }
