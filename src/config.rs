@@ -1,4 +1,5 @@
-//! Settings of the table strategy, set in code or read from environment variables.
+//! Settings of the table and queue strategies, set in code or read from environment
+//! variables.
 
 use std::time::Duration;
 
@@ -279,6 +280,233 @@ impl TableConfig {
     }
 }
 
+/// The longest SQS keeps a received message hidden: 12 hours.
+const QUEUE_VISIBILITY_TIMEOUT: SecondsRange = SecondsRange::new(0.05, 43_200.0);
+/// SQS long polls wait at most 20 s.
+const LONG_POLLING_WAIT_TIME: SecondsRange = SecondsRange::new(0.0, 20.0);
+/// A retry hides its message for the backoff, which SQS allows up to 12 hours.
+const QUEUE_RETRY_DELAY: SecondsRange = SecondsRange::new(0.0, 43_200.0);
+const RECONCILE_INTERVAL: SecondsRange = SecondsRange::new(0.01, 86_400.0);
+/// Up to SQS's longest message retention, 14 days.
+const RECONCILE_AFTER: SecondsRange = SecondsRange::new(0.05, 1_209_600.0);
+const MAX_WORKERS: (u64, u64) = (1, 1024);
+
+/// Settings of the queue strategy's consumers.
+///
+/// Defaults: 5 workers, long polls of 20 s, a 300 s visibility timeout (extended while a
+/// request runs), 3 retries after 2 s, 4 s, 8 s ..., stale `PENDING` requests re-sent after
+/// 10 min, finished requests pruned after 24 h.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use root_orchestrator::QueueConfig;
+///
+/// let mut config = QueueConfig::default();
+/// config.max_workers = 8;
+/// config.visibility_timeout = Duration::from_secs(120);
+/// config.validate()?;
+///
+/// // The same from the environment: every field has a variable.
+/// let config = QueueConfig::from_lookup(|name| match name {
+///     "ROOT_ORCHESTRATOR_MAX_WORKERS" => Some("8".to_owned()),
+///     _ => None,
+/// })?;
+/// assert_eq!(config.max_workers, 8);
+///
+/// let err = QueueConfig::from_lookup(|name| {
+///     (name == "ROOT_ORCHESTRATOR_LONG_POLLING_WAIT_TIME").then(|| "30".to_owned())
+/// })
+/// .unwrap_err();
+/// assert!(err.to_string().contains("ROOT_ORCHESTRATOR_LONG_POLLING_WAIT_TIME"));
+/// # Ok::<(), root_orchestrator::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct QueueConfig {
+    /// Requests run at once by this process; each runs in its own task. Default 5.
+    pub max_workers: usize,
+    /// How long a received message stays hidden from other consumers. While its request
+    /// runs, the message's visibility and the request's lease are extended every third of
+    /// this. SQS counts whole seconds and rounds up. Default 300 s.
+    pub visibility_timeout: Duration,
+    /// How long one receive waits for a message (long polling); 0 polls without waiting.
+    /// Default 20 s, the most SQS allows.
+    pub long_polling_wait_time: Duration,
+    /// Retries after the first attempt, for requests that do not set their own. Default 3.
+    pub max_retries: u32,
+    /// Waits between retries, during which the message stays hidden. Default 2 s doubling
+    /// up to 10 min; at most 12 h, the longest SQS hides a message.
+    pub backoff: BackoffPolicy,
+    /// How long a shutdown waits for running requests before handing them back. Default 30 s.
+    pub shutdown_grace_period: Duration,
+    /// How long a cancelled request's executor may take to stop before it is dropped.
+    /// Default 10 s.
+    pub cancel_grace_period: Duration,
+    /// How often the reconciler looks for `PENDING` requests that no message will deliver
+    /// (and for leases lost with their message). Default 60 s.
+    pub reconcile_interval: Duration,
+    /// How long a request may stay `PENDING` (since its last change, or its scheduled retry)
+    /// before the reconciler sends it a new message. At least `visibility_timeout`, since a
+    /// message returning from a lapsed consumer takes that long. Default 10 min.
+    pub reconcile_after: Duration,
+    /// How old a finished request gets before it is pruned. Default 24 h.
+    pub cleanup_completed_after: Duration,
+    /// How often pruning runs. Default 5 min.
+    pub prune_interval: Duration,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            max_workers: 5,
+            visibility_timeout: Duration::from_secs(300),
+            long_polling_wait_time: Duration::from_secs(20),
+            max_retries: 3,
+            backoff: BackoffPolicy::default(),
+            shutdown_grace_period: Duration::from_secs(30),
+            cancel_grace_period: Duration::from_secs(10),
+            reconcile_interval: Duration::from_secs(60),
+            reconcile_after: Duration::from_secs(600),
+            cleanup_completed_after: Duration::from_secs(86_400),
+            prune_interval: Duration::from_secs(300),
+        }
+    }
+}
+
+impl QueueConfig {
+    /// Checks every value against its accepted range.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] naming the field, the refused value and the accepted range.
+    pub fn validate(&self) -> Result<()> {
+        check_count("max_workers", self.max_workers as u64, MAX_WORKERS)?;
+        QUEUE_VISIBILITY_TIMEOUT.check("visibility_timeout", self.visibility_timeout)?;
+        LONG_POLLING_WAIT_TIME.check("long_polling_wait_time", self.long_polling_wait_time)?;
+        check_count("max_retries", u64::from(self.max_retries), MAX_RETRIES)?;
+        QUEUE_RETRY_DELAY.check("backoff.base", self.backoff.base)?;
+        QUEUE_RETRY_DELAY.check("backoff.max", self.backoff.max)?;
+        if !(0.0..=1.0).contains(&self.backoff.jitter) {
+            return Err(Error::InvalidConfig {
+                name: "backoff.jitter".to_owned(),
+                value: self.backoff.jitter.to_string(),
+                expected: "a fraction from 0.0 to 1.0".to_owned(),
+            });
+        }
+        GRACE_PERIOD.check("shutdown_grace_period", self.shutdown_grace_period)?;
+        GRACE_PERIOD.check("cancel_grace_period", self.cancel_grace_period)?;
+        RECONCILE_INTERVAL.check("reconcile_interval", self.reconcile_interval)?;
+        RECONCILE_AFTER.check("reconcile_after", self.reconcile_after)?;
+        if self.reconcile_after < self.visibility_timeout {
+            return Err(Error::InvalidConfig {
+                name: "reconcile_after".to_owned(),
+                value: format!("{}", self.reconcile_after.as_secs_f64()),
+                expected: format!(
+                    "at least visibility_timeout ({} s), so a message that is only in flight \
+                     is not sent again",
+                    self.visibility_timeout.as_secs_f64()
+                ),
+            });
+        }
+        CLEANUP_COMPLETED_AFTER.check("cleanup_completed_after", self.cleanup_completed_after)?;
+        PRUNE_INTERVAL.check("prune_interval", self.prune_interval)?;
+        Ok(())
+    }
+
+    /// Reads the settings from `ROOT_ORCHESTRATOR_*` environment variables, using the
+    /// default for each one that is not set.
+    ///
+    /// | variable | field | range |
+    /// |---|---|---|
+    /// | `ROOT_ORCHESTRATOR_MAX_WORKERS` | `max_workers` | 1 to 1024 |
+    /// | `ROOT_ORCHESTRATOR_VISIBILITY_TIMEOUT` | `visibility_timeout` | 0.05 to 43200 s |
+    /// | `ROOT_ORCHESTRATOR_LONG_POLLING_WAIT_TIME` | `long_polling_wait_time` | 0 to 20 s |
+    /// | `ROOT_ORCHESTRATOR_MAX_RETRIES` | `max_retries` | 0 to 99 |
+    /// | `ROOT_ORCHESTRATOR_RETRY_DELAY_BASE` | `backoff.base` | 0 to 43200 s |
+    /// | `ROOT_ORCHESTRATOR_RETRY_DELAY_MAX` | `backoff.max` | 0 to 43200 s |
+    /// | `ROOT_ORCHESTRATOR_SHUTDOWN_GRACE_PERIOD` | `shutdown_grace_period` | 0 to 3600 s |
+    /// | `ROOT_ORCHESTRATOR_CANCEL_GRACE_PERIOD` | `cancel_grace_period` | 0 to 3600 s |
+    /// | `ROOT_ORCHESTRATOR_RECONCILE_INTERVAL` | `reconcile_interval` | 0.01 to 86400 s |
+    /// | `ROOT_ORCHESTRATOR_RECONCILE_AFTER` | `reconcile_after` | 0.05 to 1209600 s |
+    /// | `ROOT_ORCHESTRATOR_CLEANUP_COMPLETED_AFTER` | `cleanup_completed_after` | 1 s to 365 d |
+    /// | `ROOT_ORCHESTRATOR_PRUNE_INTERVAL` | `prune_interval` | 0.01 to 86400 s |
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] naming the variable, its value and the accepted range.
+    pub fn from_env() -> Result<Self> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Like [`from_env`](Self::from_env), reading variables through `lookup`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] naming the variable, its value and the accepted range.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let mut config = QueueConfig::default();
+        let var = |suffix: &str| {
+            let name = format!("{ENV_PREFIX}{suffix}");
+            lookup(&name).map(|value| (name, value))
+        };
+
+        if let Some((name, raw)) = var("MAX_WORKERS") {
+            config.max_workers = parse_count(&name, &raw, MAX_WORKERS)? as usize;
+        }
+        if let Some((name, raw)) = var("VISIBILITY_TIMEOUT") {
+            config.visibility_timeout = QUEUE_VISIBILITY_TIMEOUT.parse(&name, &raw)?;
+        }
+        if let Some((name, raw)) = var("LONG_POLLING_WAIT_TIME") {
+            config.long_polling_wait_time = LONG_POLLING_WAIT_TIME.parse(&name, &raw)?;
+        }
+        if let Some((name, raw)) = var("MAX_RETRIES") {
+            config.max_retries = parse_count(&name, &raw, MAX_RETRIES)? as u32;
+        }
+        if let Some((name, raw)) = var("RETRY_DELAY_BASE") {
+            config.backoff.base = QUEUE_RETRY_DELAY.parse(&name, &raw)?;
+        }
+        if let Some((name, raw)) = var("RETRY_DELAY_MAX") {
+            config.backoff.max = QUEUE_RETRY_DELAY.parse(&name, &raw)?;
+        }
+        if let Some((name, raw)) = var("SHUTDOWN_GRACE_PERIOD") {
+            config.shutdown_grace_period = GRACE_PERIOD.parse(&name, &raw)?;
+        }
+        if let Some((name, raw)) = var("CANCEL_GRACE_PERIOD") {
+            config.cancel_grace_period = GRACE_PERIOD.parse(&name, &raw)?;
+        }
+        if let Some((name, raw)) = var("RECONCILE_INTERVAL") {
+            config.reconcile_interval = RECONCILE_INTERVAL.parse(&name, &raw)?;
+        }
+        if let Some((name, raw)) = var("RECONCILE_AFTER") {
+            config.reconcile_after = RECONCILE_AFTER.parse(&name, &raw)?;
+        }
+        if let Some((name, raw)) = var("CLEANUP_COMPLETED_AFTER") {
+            config.cleanup_completed_after = CLEANUP_COMPLETED_AFTER.parse(&name, &raw)?;
+        }
+        if let Some((name, raw)) = var("PRUNE_INTERVAL") {
+            config.prune_interval = PRUNE_INTERVAL.parse(&name, &raw)?;
+        }
+
+        // Cross-field rules (reconciling no sooner than a visibility timeout) are checked
+        // last, so that a single bad variable is always reported by its own name first.
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Attempts a request gets when it does not say: one plus `max_retries`.
+    pub fn default_max_attempts(&self) -> u32 {
+        self.max_retries + 1
+    }
+
+    /// How often a running request's message visibility and lease are extended: a third
+    /// of the visibility timeout, so that two missed extensions still leave it hidden.
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.visibility_timeout / 3
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -362,5 +590,91 @@ mod tests {
         };
         let err = config.validate().unwrap_err();
         assert!(matches!(err, Error::InvalidConfig { ref name, .. } if name == "lease_duration"));
+    }
+}
+
+#[cfg(test)]
+mod queue_config_tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_seed_ones() {
+        let config = QueueConfig::default();
+        assert_eq!(config.max_workers, 5);
+        assert_eq!(config.visibility_timeout, Duration::from_secs(300));
+        assert_eq!(config.max_retries, 3);
+        assert_eq!(config.backoff.base, Duration::from_secs(2));
+        assert_eq!(config.long_polling_wait_time, Duration::from_secs(20));
+        assert_eq!(config.default_max_attempts(), 4);
+        assert_eq!(config.heartbeat_interval(), Duration::from_secs(100));
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn environment_overrides_defaults() {
+        let config = QueueConfig::from_lookup(|name| {
+            let value = match name {
+                "ROOT_ORCHESTRATOR_MAX_WORKERS" => "12",
+                "ROOT_ORCHESTRATOR_VISIBILITY_TIMEOUT" => "45.5",
+                "ROOT_ORCHESTRATOR_LONG_POLLING_WAIT_TIME" => "0",
+                "ROOT_ORCHESTRATOR_RETRY_DELAY_BASE" => "1",
+                "ROOT_ORCHESTRATOR_RECONCILE_AFTER" => "90",
+                _ => return None,
+            };
+            Some(value.to_owned())
+        })
+        .unwrap();
+        assert_eq!(config.max_workers, 12);
+        assert_eq!(config.visibility_timeout, Duration::from_millis(45_500));
+        assert_eq!(config.long_polling_wait_time, Duration::ZERO);
+        assert_eq!(config.backoff.base, Duration::from_secs(1));
+        assert_eq!(config.reconcile_after, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn bad_variables_are_named_with_their_range() {
+        let cases = [
+            ("ROOT_ORCHESTRATOR_MAX_WORKERS", "0", "from 1 to 1024"),
+            (
+                "ROOT_ORCHESTRATOR_VISIBILITY_TIMEOUT",
+                "50000",
+                "from 0.05 to 43200",
+            ),
+            (
+                "ROOT_ORCHESTRATOR_LONG_POLLING_WAIT_TIME",
+                "21",
+                "from 0 to 20",
+            ),
+            (
+                "ROOT_ORCHESTRATOR_RETRY_DELAY_BASE",
+                "86400",
+                "from 0 to 43200",
+            ),
+            ("ROOT_ORCHESTRATOR_MAX_RETRIES", "-1", "from 0 to 99"),
+        ];
+        for (variable, value, range) in cases {
+            match QueueConfig::from_lookup(|name| (name == variable).then(|| value.to_owned())) {
+                Err(Error::InvalidConfig {
+                    name,
+                    value: refused,
+                    expected,
+                }) => {
+                    assert_eq!(name, variable);
+                    assert_eq!(refused, value);
+                    assert!(expected.contains(range), "{expected}");
+                }
+                other => panic!("{variable}={value}: expected InvalidConfig, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn reconciling_sooner_than_a_visibility_timeout_is_refused() {
+        let config = QueueConfig {
+            visibility_timeout: Duration::from_secs(900),
+            ..QueueConfig::default()
+        };
+        let err = config.validate().unwrap_err();
+        assert!(matches!(err, Error::InvalidConfig { ref name, .. } if name == "reconcile_after"));
     }
 }

@@ -10,7 +10,7 @@
 //! | [`RootOrchestrator`] | the facade: submit, status, results, list, cancel, run workers |
 //! | [`WorkflowExecutor`] | the host's workflow for one request type |
 //! | [`RequestStore`] | durable records with fenced (lease-checked) writes |
-//! | [`ProcessingStrategy`] | how requests reach workers ([`TableStrategy`]) |
+//! | [`ProcessingStrategy`] | how requests reach workers ([`TableStrategy`], `QueueStrategy`) |
 //! | [`QueueBackend`] | a message queue with SQS semantics, for queue-based strategies |
 //! | [`RequestStatus`] | the lifecycle and its one transition table |
 //!
@@ -22,6 +22,7 @@
 //! | `sqlite` | yes | [`SqliteStore`]: an embedded SQLite file (WAL), migrations included |
 //! | `postgres` | no | `PostgresStore`: one PostgreSQL database shared by many worker processes |
 //! | `mock` | no | `mock::*`: mockall mocks of the core traits for host tests |
+//! | `queue` | no | `QueueStrategy`: consumers of a message queue; `MemoryQueue` |
 //! | `http` | no | [`http`]: an axum router with auth, problem+json errors, OpenAPI, metrics |
 //!
 //! [`MemoryStore`] is always available.
@@ -54,7 +55,7 @@ mod strategy;
 pub mod http;
 
 pub use backoff::BackoffPolicy;
-pub use config::{ENV_PREFIX, TableConfig};
+pub use config::{ENV_PREFIX, QueueConfig, TableConfig};
 pub use error::{BoxError, Error, Result};
 pub use executor::{ExecutorRegistry, WorkflowContext, WorkflowError, WorkflowExecutor};
 pub use model::{
@@ -79,6 +80,8 @@ pub use store::{PostgresStore, PostgresStoreOptions};
 pub use strategy::ProcessingStrategy;
 #[cfg(feature = "table")]
 pub use strategy::TableStrategy;
+#[cfg(feature = "queue")]
+pub use strategy::{QueueStrategy, ReconcileReport};
 /// The token that tells workers to shut down; re-exported from `tokio-util`.
 pub use tokio_util::sync::CancellationToken;
 

@@ -11,9 +11,13 @@ use crate::model::{NewRequest, Request, RequestId};
 use crate::store::{CancelOutcome, InsertOutcome, RequestStore};
 
 mod execution;
+#[cfg(feature = "queue")]
+mod queue;
 #[cfg(feature = "table")]
 mod table;
 
+#[cfg(feature = "queue")]
+pub use queue::{QueueStrategy, ReconcileReport};
 #[cfg(feature = "table")]
 pub use table::TableStrategy;
 
