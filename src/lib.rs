@@ -23,6 +23,7 @@
 //! | `postgres` | no | `PostgresStore`: one PostgreSQL database shared by many worker processes |
 //! | `mock` | no | `mock::*`: mockall mocks of the core traits for host tests |
 //! | `queue` | no | `QueueStrategy`: consumers of a message queue; `MemoryQueue` |
+//! | `sqs` | no | `SqsQueue`: the queue strategy on Amazon SQS (implies `queue`) |
 //! | `http` | no | [`http`]: an axum router with auth, problem+json errors, OpenAPI, metrics |
 //!
 //! [`MemoryStore`] is always available.
@@ -68,6 +69,8 @@ pub use orchestrator::{RootOrchestrator, RootOrchestratorBuilder};
 #[cfg(feature = "queue")]
 pub use queue::{DeadLetter, MemoryQueue};
 pub use queue::{OutgoingMessage, QueueBackend, QueueDepth, ReceivedMessage};
+#[cfg(feature = "sqs")]
+pub use queue::{SqsQueue, SqsQueueBuilder};
 pub use status::RequestStatus;
 #[cfg(feature = "sqlite")]
 pub use store::SqliteStore;

@@ -12,9 +12,13 @@ use crate::error::Result;
 
 #[cfg(feature = "queue")]
 mod memory;
+#[cfg(feature = "sqs")]
+mod sqs;
 
 #[cfg(feature = "queue")]
 pub use memory::{DeadLetter, MemoryQueue};
+#[cfg(feature = "sqs")]
+pub use sqs::{SqsQueue, SqsQueueBuilder};
 
 /// Most messages one receive or one batch call handles (SQS's limit).
 #[cfg(feature = "queue")]
