@@ -154,6 +154,51 @@ fn parse_count(variable: &str, raw: &str, (min, max): (u64, u64)) -> Result<u64>
     check_count(variable, value, (min, max)).map(|()| value)
 }
 
+/// The environment variable that sets `field`, such as `ROOT_ORCHESTRATOR_RETRY_DELAY_BASE`
+/// for `backoff.base`.
+fn variable_of(field: &str) -> String {
+    let suffix = match field {
+        "backoff.base" => "RETRY_DELAY_BASE".to_owned(),
+        "backoff.max" => "RETRY_DELAY_MAX".to_owned(),
+        "backoff.jitter" => "RETRY_JITTER".to_owned(),
+        other => other.to_ascii_uppercase(),
+    };
+    format!("{ENV_PREFIX}{suffix}")
+}
+
+/// Restates a validation error about fields in terms of the environment variables that
+/// set them, for settings read from the environment.
+fn in_variable_terms(err: Error, fields: &[&str]) -> Error {
+    match err {
+        Error::InvalidConfig {
+            name,
+            value,
+            mut expected,
+        } => {
+            for field in fields {
+                expected = expected.replace(field, &variable_of(field));
+            }
+            Error::InvalidConfig {
+                name: variable_of(&name),
+                value,
+                expected,
+            }
+        }
+        other => other,
+    }
+}
+
+fn parse_fraction(variable: &str, raw: &str) -> Result<f64> {
+    match raw.trim().parse::<f64>() {
+        Ok(fraction) if (0.0..=1.0).contains(&fraction) => Ok(fraction),
+        _ => Err(Error::InvalidConfig {
+            name: variable.to_owned(),
+            value: raw.to_owned(),
+            expected: "a fraction from 0.0 to 1.0".to_owned(),
+        }),
+    }
+}
+
 impl TableConfig {
     /// Checks every value against its accepted range.
     ///
@@ -213,6 +258,7 @@ impl TableConfig {
     /// | `ROOT_ORCHESTRATOR_MAX_RETRIES` | `max_retries` | 0 to 99 |
     /// | `ROOT_ORCHESTRATOR_RETRY_DELAY_BASE` | `backoff.base` | seconds, 0 to 86400 |
     /// | `ROOT_ORCHESTRATOR_RETRY_DELAY_MAX` | `backoff.max` | seconds, 0 to 86400 |
+    /// | `ROOT_ORCHESTRATOR_RETRY_JITTER` | `backoff.jitter` | fraction, 0 to 1 |
     ///
     /// # Errors
     ///
@@ -267,10 +313,15 @@ impl TableConfig {
         if let Some((name, raw)) = var("RETRY_DELAY_MAX") {
             config.backoff.max = RETRY_DELAY.parse(&name, &raw)?;
         }
+        if let Some((name, raw)) = var("RETRY_JITTER") {
+            config.backoff.jitter = parse_fraction(&name, &raw)?;
+        }
 
         // Cross-field rules (the lease outlasting two heartbeats) are checked last, so
         // that a single bad variable is always reported by its own name first.
-        config.validate()?;
+        config
+            .validate()
+            .map_err(|e| in_variable_terms(e, &["status_update_interval"]))?;
         Ok(config)
     }
 
@@ -426,6 +477,7 @@ impl QueueConfig {
     /// | `ROOT_ORCHESTRATOR_MAX_RETRIES` | `max_retries` | 0 to 99 |
     /// | `ROOT_ORCHESTRATOR_RETRY_DELAY_BASE` | `backoff.base` | 0 to 43200 s |
     /// | `ROOT_ORCHESTRATOR_RETRY_DELAY_MAX` | `backoff.max` | 0 to 43200 s |
+    /// | `ROOT_ORCHESTRATOR_RETRY_JITTER` | `backoff.jitter` | fraction, 0 to 1 |
     /// | `ROOT_ORCHESTRATOR_SHUTDOWN_GRACE_PERIOD` | `shutdown_grace_period` | 0 to 3600 s |
     /// | `ROOT_ORCHESTRATOR_CANCEL_GRACE_PERIOD` | `cancel_grace_period` | 0 to 3600 s |
     /// | `ROOT_ORCHESTRATOR_RECONCILE_INTERVAL` | `reconcile_interval` | 0.01 to 86400 s |
@@ -488,10 +540,15 @@ impl QueueConfig {
         if let Some((name, raw)) = var("PRUNE_INTERVAL") {
             config.prune_interval = PRUNE_INTERVAL.parse(&name, &raw)?;
         }
+        if let Some((name, raw)) = var("RETRY_JITTER") {
+            config.backoff.jitter = parse_fraction(&name, &raw)?;
+        }
 
         // Cross-field rules (reconciling no sooner than a visibility timeout) are checked
         // last, so that a single bad variable is always reported by its own name first.
-        config.validate()?;
+        config
+            .validate()
+            .map_err(|e| in_variable_terms(e, &["visibility_timeout"]))?;
         Ok(config)
     }
 
@@ -580,6 +637,33 @@ mod tests {
                 other => panic!("{variable}={value}: expected InvalidConfig, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn cross_field_errors_from_the_environment_name_variables() {
+        let err = TableConfig::from_lookup(lookup(&[(
+            "ROOT_ORCHESTRATOR_STATUS_UPDATE_INTERVAL",
+            "40",
+        )]))
+        .unwrap_err();
+        let Error::InvalidConfig { name, expected, .. } = err else {
+            panic!("expected InvalidConfig");
+        };
+        assert_eq!(name, "ROOT_ORCHESTRATOR_LEASE_DURATION");
+        assert!(
+            expected.contains("ROOT_ORCHESTRATOR_STATUS_UPDATE_INTERVAL"),
+            "{expected}"
+        );
+
+        let config =
+            TableConfig::from_lookup(lookup(&[("ROOT_ORCHESTRATOR_RETRY_JITTER", "0")])).unwrap();
+        assert_eq!(config.backoff.jitter, 0.0);
+        let err = TableConfig::from_lookup(lookup(&[("ROOT_ORCHESTRATOR_RETRY_JITTER", "1.5")]))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("ROOT_ORCHESTRATOR_RETRY_JITTER"),
+            "{err}"
+        );
     }
 
     #[test]
