@@ -40,6 +40,13 @@ fn check_identifier(field: &str, value: &str) -> Result<()> {
             ),
         ));
     }
+    if !value.chars().any(|c| c.is_ascii_alphanumeric()) {
+        // Ids travel in URL paths, where `.` and `..` would be resolved away.
+        return Err(Error::invalid(
+            field,
+            "must contain at least one ASCII letter or digit",
+        ));
+    }
     if let Some(bad) = value
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')))
@@ -878,6 +885,10 @@ impl RequestMessage {
     /// assert_eq!(field, "configuration.quality_threshold");
     /// ```
     pub fn from_json(body: &str) -> Result<Self> {
+        // Serde would also take a positional array for a struct; the wire shape is an object.
+        if !body.trim_start().starts_with('{') {
+            return Err(Error::invalid(".", "must be a JSON object"));
+        }
         let mut deserializer = serde_json::Deserializer::from_str(body);
         let message = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
             let path = err.path().to_string();
@@ -1072,6 +1083,11 @@ mod tests {
         ));
 
         assert!(RequestMessage::from_json(&format!("{good} trailing")).is_err());
+        let positional = r#"["id-1","p","u","t","low",{"keywords":["x"]}]"#;
+        assert!(matches!(
+            RequestMessage::from_json(positional),
+            Err(Error::InvalidRequest { ref field, .. }) if field == "."
+        ));
         assert!(RequestMessage::from_json(&format!("{good}{good}")).is_err());
     }
 
@@ -1079,6 +1095,9 @@ mod tests {
     fn ids_refuse_characters_outside_the_safe_set() {
         assert!(RequestId::parse("req-10").is_ok());
         assert!(RequestId::parse("a/b").is_err());
+        assert!(RequestId::parse(".").is_err());
+        assert!(RequestId::parse("..").is_err());
+        assert!(RequestId::parse("-_.:").is_err());
         assert!(RequestId::parse("").is_err());
         assert!(RequestId::parse("x".repeat(129)).is_err());
     }

@@ -230,14 +230,25 @@ impl RootOrchestrator {
         self.strategy.run(self.executors.clone(), token).await
     }
 
-    /// Whether the store answers.
+    /// Whether the store answers, within [`READY_TIMEOUT`](Self::READY_TIMEOUT): readiness
+    /// probes have short deadlines of their own, so a slow answer counts as none.
     ///
     /// # Errors
     ///
-    /// The store's error when it cannot be reached.
+    /// The store's error when it cannot be reached, or [`Error::Store`] for `ping` when it
+    /// does not answer in time.
     pub async fn ready(&self) -> Result<()> {
-        self.strategy.store().ping().await
+        match tokio::time::timeout(Self::READY_TIMEOUT, self.strategy.store().ping()).await {
+            Ok(answer) => answer,
+            Err(_) => Err(Error::store(
+                "ping",
+                format!("no answer within {} s", Self::READY_TIMEOUT.as_secs_f64()),
+            )),
+        }
     }
+
+    /// How long [`ready`](Self::ready) waits for the store.
+    pub const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 }
 
 /// Builds a [`RootOrchestrator`]: a strategy plus an executor per request type.

@@ -167,16 +167,24 @@ fn progress(stage: &str, percentage: u8, documents: u64, sentences: u64) -> Prog
         .with_content_extracted(sentences)
 }
 
+/// Longest per-stage wait a request may ask for: the wait only paces demos, and one
+/// request must not be able to hold a worker for days.
+const MAX_STAGE_DELAY_MS: u64 = 60_000;
+
 /// The per-stage wait asked for in `custom_params.stage_delay_ms`.
 fn stage_delay(configuration: &Configuration) -> Result<Duration, WorkflowError> {
     match configuration.custom_params.get("stage_delay_ms") {
         None | Some(serde_json::Value::Null) => Ok(Duration::ZERO),
-        Some(value) => value.as_u64().map(Duration::from_millis).ok_or_else(|| {
-            WorkflowError::permanent(format!(
-                "configuration.custom_params.stage_delay_ms must be a whole number of \
-                 milliseconds, got {value}"
-            ))
-        }),
+        Some(value) => value
+            .as_u64()
+            .filter(|ms| *ms <= MAX_STAGE_DELAY_MS)
+            .map(Duration::from_millis)
+            .ok_or_else(|| {
+                WorkflowError::permanent(format!(
+                    "configuration.custom_params.stage_delay_ms must be a whole number of \
+                     milliseconds from 0 to {MAX_STAGE_DELAY_MS}, got {value}"
+                ))
+            }),
     }
 }
 

@@ -156,6 +156,11 @@ impl FromStr for ListCursor {
         let invalid = || Error::invalid("cursor", "is not a cursor returned by a listing");
         let (micros, id) = s.split_once('.').ok_or_else(invalid)?;
         let micros: i64 = micros.parse().map_err(|_| invalid())?;
+        // Every store can compare timestamps in this range; cursors outside it were never
+        // handed out.
+        if !(0..=CURSOR_MAX_MICROS).contains(&micros) {
+            return Err(invalid());
+        }
         let created_at = Utc.timestamp_micros(micros).single().ok_or_else(invalid)?;
         let request_id = RequestId::parse(id).map_err(|_| invalid())?;
         Ok(ListCursor {
@@ -203,6 +208,9 @@ impl Visibility {
         request.user_id == self.user_id || self.project_ids.contains(&request.project_id)
     }
 }
+
+/// 9999-12-31T23:59:59.999999Z, the last instant a cursor may name.
+const CURSOR_MAX_MICROS: i64 = 253_402_300_799_999_999;
 
 /// Which requests [`RequestStore::list`] returns: all filters must match.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -471,4 +479,29 @@ pub(crate) fn expired_lease_error(attempt: u32, owner: &str) -> AttemptError {
         format!("lease of worker {owner} expired before the attempt finished"),
         true,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_as_text_and_refuse_what_no_listing_hands_out() {
+        let cursor = ListCursor {
+            created_at: Utc.timestamp_micros(1_733_300_000_123_456).unwrap(),
+            request_id: RequestId::parse("req-10").unwrap(),
+        };
+        assert_eq!(cursor.to_string().parse::<ListCursor>().unwrap(), cursor);
+
+        for text in [
+            "-210866803200000001.a",
+            "253402300800000000.a",
+            "12.",
+            "12",
+            "x.a",
+            "12.a/b",
+        ] {
+            assert!(text.parse::<ListCursor>().is_err(), "{text}");
+        }
+    }
 }
