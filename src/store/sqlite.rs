@@ -38,6 +38,19 @@ static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
 /// Tries at migrating before giving up (see [`SqliteStore::migrate`]).
 const MIGRATION_ATTEMPTS: u32 = 5;
 
+/// Tries at opening a file another process holds locked before giving up.
+const OPEN_ATTEMPTS: u32 = 8;
+
+/// Whether `err` is SQLite's `BUSY` or `LOCKED` (extended codes included).
+fn is_lock_contention(err: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(db) = err else {
+        return false;
+    };
+    db.code()
+        .and_then(|code| code.parse::<i32>().ok())
+        .is_some_and(|code| matches!(code & 0xff, 5 | 6))
+}
+
 /// Columns every query that returns requests selects, in this order; a macro so that
 /// `concat!` can build each query as one literal.
 macro_rules! columns {
@@ -106,11 +119,26 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(max_connections.max(1))
-            .connect_with(options)
-            .await
-            .map_err(|e| Error::store("open", e))?;
+
+        // Switching a new file to WAL takes an exclusive lock that the busy timeout does
+        // not cover, so processes opening one file together can see "database is locked"
+        // for a moment; that clears as soon as the first one is done.
+        let mut attempt = 1;
+        let pool = loop {
+            let connected = SqlitePoolOptions::new()
+                .max_connections(max_connections.max(1))
+                .connect_with(options.clone())
+                .await;
+            match connected {
+                Ok(pool) => break pool,
+                Err(err) if is_lock_contention(&err) && attempt < OPEN_ATTEMPTS => {
+                    tracing::debug!(error = %err, attempt, "database busy while opening; retrying");
+                    tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
+                    attempt += 1;
+                }
+                Err(err) => return Err(Error::store("open", err)),
+            }
+        };
         Self::from_pool(pool).await
     }
 
