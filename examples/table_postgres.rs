@@ -111,7 +111,10 @@ impl WorkflowExecutor for Pause {
     ) -> Result<RequestResults, WorkflowError> {
         tokio::select! {
             _ = ctx.cancelled() => Err(WorkflowError::cancelled()),
-            _ = tokio::time::sleep(self.0) => Ok(RequestResults::new(None, serde_json::json!({"paused_ms": self.0.as_millis() as u64}))),
+            _ = tokio::time::sleep(self.0) => {
+                let paused_ms = self.0.as_millis() as u64;
+                Ok(RequestResults::new(None, serde_json::json!({ "paused_ms": paused_ms })))
+            }
         }
     }
 }

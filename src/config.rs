@@ -249,9 +249,9 @@ impl TableConfig {
     /// |---|---|---|
     /// | `ROOT_ORCHESTRATOR_POLLING_INTERVAL` | `polling_interval` | seconds, 0.01 to 3600 |
     /// | `ROOT_ORCHESTRATOR_MAX_CONCURRENT_REQUESTS` | `max_concurrent_requests` | 1 to 1024 |
-    /// | `ROOT_ORCHESTRATOR_STATUS_UPDATE_INTERVAL` | `status_update_interval` | seconds, 0.01 to 3600 |
-    /// | `ROOT_ORCHESTRATOR_LEASE_DURATION` | `lease_duration` | seconds, 0.05 to 86400 |
-    /// | `ROOT_ORCHESTRATOR_CLEANUP_COMPLETED_AFTER` | `cleanup_completed_after` | seconds, 1 to 31536000 |
+    /// | `ROOT_ORCHESTRATOR_STATUS_UPDATE_INTERVAL` | `status_update_interval` | 0.01 to 3600 s |
+    /// | `ROOT_ORCHESTRATOR_LEASE_DURATION` | `lease_duration` | 0.05 to 86400 s |
+    /// | `ROOT_ORCHESTRATOR_CLEANUP_COMPLETED_AFTER` | `cleanup_completed_after` | 1 to 31.5M s |
     /// | `ROOT_ORCHESTRATOR_PRUNE_INTERVAL` | `prune_interval` | seconds, 0.01 to 86400 |
     /// | `ROOT_ORCHESTRATOR_SHUTDOWN_GRACE_PERIOD` | `shutdown_grace_period` | seconds, 0 to 3600 |
     /// | `ROOT_ORCHESTRATOR_CANCEL_GRACE_PERIOD` | `cancel_grace_period` | seconds, 0 to 3600 |

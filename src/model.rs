@@ -92,7 +92,10 @@ fn check_text(field: &str, value: &str) -> Result<()> {
 /// Zero-width and bidirectional-override characters: they change how text displays
 /// without being visible themselves.
 fn is_invisible_formatting(c: char) -> bool {
-    matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
+    matches!(
+        c,
+        '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}'
+    )
 }
 
 /// Checks free-form JSON: no deeper than [`MAX_JSON_DEPTH`], and no NUL character in a key
@@ -1115,7 +1118,10 @@ mod tests {
             "configuration":{"keywords":["x"],"sources":[{"name":"FDA","type":7}]}}"#;
         let err = RequestMessage::from_json(body).unwrap_err();
         assert!(
-            matches!(&err, Error::InvalidRequest { field, .. } if field == "configuration.sources[0].type"),
+            matches!(
+                &err,
+                Error::InvalidRequest { field, .. } if field == "configuration.sources[0].type"
+            ),
             "{err}"
         );
 

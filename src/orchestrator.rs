@@ -34,7 +34,8 @@ use crate::strategy::ProcessingStrategy;
 /// impl WorkflowExecutor for Echo {
 ///     async fn execute(&self, r: &Request, _: &WorkflowContext)
 ///         -> Result<RequestResults, WorkflowError> {
-///         Ok(RequestResults::new(None, serde_json::json!({ "keywords": r.configuration.keywords })))
+///         let keywords = &r.configuration.keywords;
+///         Ok(RequestResults::new(None, serde_json::json!({ "keywords": keywords })))
 ///     }
 /// }
 ///
@@ -130,10 +131,19 @@ impl RootOrchestrator {
         let outcome = self.strategy.submit(request).await?;
         match &outcome {
             InsertOutcome::Inserted(r) => {
-                tracing::info!(request_id = %r.id, request_type = %r.request_type, priority = %r.priority, "request submitted")
+                tracing::info!(
+                    request_id = %r.id,
+                    request_type = %r.request_type,
+                    priority = %r.priority,
+                    "request submitted"
+                )
             }
             InsertOutcome::Existing(r) => {
-                tracing::info!(request_id = %r.id, status = %r.status, "request already submitted; returning it")
+                tracing::info!(
+                    request_id = %r.id,
+                    status = %r.status,
+                    "request already submitted; returning it"
+                )
             }
         }
         Ok(outcome)
@@ -357,9 +367,10 @@ mod tests {
         let mut invalid = request("known");
         invalid.configuration.keywords.clear();
         let err = orchestrator.submit(invalid).await.unwrap_err();
-        assert!(
-            matches!(err, Error::InvalidRequest { ref field, .. } if field == "configuration.keywords")
-        );
+        assert!(matches!(
+            err,
+            Error::InvalidRequest { ref field, .. } if field == "configuration.keywords"
+        ));
 
         let err = orchestrator.submit(request("unknown")).await.unwrap_err();
         assert!(matches!(err, Error::UnknownRequestType { .. }));

@@ -270,7 +270,9 @@ impl WorkflowExecutor for Counting {
                 self.cancels_seen.fetch_add(1, Ordering::SeqCst);
                 Err(WorkflowError::cancelled())
             }
-            _ = tokio::time::sleep(self.pause) => Ok(RequestResults::new(None, serde_json::Value::Null)),
+            _ = tokio::time::sleep(self.pause) => {
+                Ok(RequestResults::new(None, serde_json::Value::Null))
+            }
         }
     }
 }

@@ -67,11 +67,14 @@ async fn an_unreadable_row_is_failed_without_breaking_the_claim_of_its_neighbour
             .unwrap();
     }
     // Damage one row behind the store's back, as a faulty tool or migration might.
-    sqlx::query("UPDATE requests SET configuration = json_set(configuration, '$.custom_params.x', json(?)) WHERE id = 'damaged'")
-        .bind(unreadably_deep_json())
-        .execute(store.pool())
-        .await
-        .unwrap();
+    sqlx::query(
+        "UPDATE requests SET configuration = \
+         json_set(configuration, '$.custom_params.x', json(?)) WHERE id = 'damaged'",
+    )
+    .bind(unreadably_deep_json())
+    .execute(store.pool())
+    .await
+    .unwrap();
 
     let claimed = store
         .claim("worker", 10, std::time::Duration::from_secs(60))

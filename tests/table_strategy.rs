@@ -17,9 +17,8 @@ use tokio::time::Instant;
 
 const TYPE: &str = "semaglutide_intelligence";
 
-type Run = dyn Fn(Request, WorkflowContext) -> BoxFuture<'static, Result<RequestResults, WorkflowError>>
-    + Send
-    + Sync;
+type Outcome = Result<RequestResults, WorkflowError>;
+type Run = dyn Fn(Request, WorkflowContext) -> BoxFuture<'static, Outcome> + Send + Sync;
 
 /// An executor whose behaviour each test writes as a closure.
 struct Scripted(Arc<Run>);

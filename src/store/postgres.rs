@@ -188,7 +188,11 @@ impl PostgresStore {
     async fn quarantine(&self, row: &PgRow, problem: &Error) {
         let id = row.try_get::<String, _>("id").unwrap_or_default();
         let token = row.try_get::<String, _>("lease_token").unwrap_or_default();
-        tracing::error!(request_id = %id, error = %problem, "claimed request cannot be read; failing it");
+        tracing::error!(
+            request_id = %id,
+            error = %problem,
+            "claimed request cannot be read; failing it"
+        );
         let failed = sqlx::query(
             "UPDATE requests SET status = 'FAILED', completed_at = now(), lease_owner = NULL, \
                  lease_token = NULL, lease_expires_at = NULL WHERE id = $1 AND lease_token = $2",
@@ -198,7 +202,11 @@ impl PostgresStore {
         .execute(&self.pool)
         .await;
         if let Err(err) = failed {
-            tracing::error!(request_id = %id, error = %err, "could not fail the unreadable request");
+            tracing::error!(
+                request_id = %id,
+                error = %err,
+                "could not fail the unreadable request",
+            );
         }
     }
 
@@ -805,7 +813,11 @@ async fn listen(pool: PgPool, channel: String, events: mpsc::Sender<StoreEvent>)
             result = listening => match result {
                 Ok(listener) => listener,
                 Err(err) => {
-                    tracing::warn!(error = %err, retry_in_secs = pause.as_secs_f64(), "cannot listen for notifications");
+                    tracing::warn!(
+                        error = %err,
+                        retry_in_secs = pause.as_secs_f64(),
+                        "cannot listen for notifications",
+                    );
                     tokio::select! {
                         _ = events.closed() => return,
                         _ = tokio::time::sleep(pause) => {}

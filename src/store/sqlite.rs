@@ -167,7 +167,11 @@ impl SqliteStore {
             match MIGRATOR.run(&self.pool).await {
                 Ok(()) => return Ok(()),
                 Err(err) if attempt < MIGRATION_ATTEMPTS => {
-                    tracing::debug!(error = %err, attempt, "migration raced another process; retrying");
+                    tracing::debug!(
+                        error = %err,
+                        attempt,
+                        "migration raced another process; retrying",
+                    );
                     tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
                     attempt += 1;
                 }
@@ -196,7 +200,11 @@ impl SqliteStore {
     async fn quarantine(&self, row: &SqliteRow, problem: &Error) {
         let id = row.try_get::<String, _>("id").unwrap_or_default();
         let token = row.try_get::<String, _>("lease_token").unwrap_or_default();
-        tracing::error!(request_id = %id, error = %problem, "claimed request cannot be read; failing it");
+        tracing::error!(
+            request_id = %id,
+            error = %problem,
+            "claimed request cannot be read; failing it",
+        );
         let failed = sqlx::query(
             "UPDATE requests SET status = 'FAILED', completed_at = ?, lease_owner = NULL, \
                  lease_token = NULL, lease_expires_at = NULL WHERE id = ? AND lease_token = ?",
@@ -207,7 +215,11 @@ impl SqliteStore {
         .execute(&self.pool)
         .await;
         if let Err(err) = failed {
-            tracing::error!(request_id = %id, error = %err, "could not fail the unreadable request");
+            tracing::error!(
+                request_id = %id,
+                error = %err,
+                "could not fail the unreadable request",
+            );
         }
     }
 

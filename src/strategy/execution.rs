@@ -116,7 +116,10 @@ async fn run_leased(
             return AttemptEnd::Superseded;
         }
         Err(err) => {
-            tracing::warn!(error = %err, "could not mark the request executing; its lease will lapse");
+            tracing::warn!(
+                error = %err,
+                "could not mark the request executing; its lease will lapse",
+            );
             return AttemptEnd::Unrecorded;
         }
     }
@@ -155,7 +158,10 @@ async fn run_leased(
                     Ok(WriteOutcome::Rejected { current }) => {
                         // Cancelled elsewhere (another process), or rescued after a stall:
                         // the executor must stop, and nothing it returns will be kept.
-                        tracing::info!(status = describe(current), "lease lost; stopping the executor");
+                        tracing::info!(
+                            status = describe(current),
+                            "lease lost; stopping the executor",
+                        );
                         cancel.cancel();
                     }
                     Err(err) => tracing::warn!(error = %err, "heartbeat failed; will try again"),
@@ -276,7 +282,11 @@ async fn record_failure(
             AttemptEnd::Failed
         }
         (Some(WriteOutcome::Rejected { current }), _) => {
-            tracing::info!(status = describe(current), error = %message, "failure of a superseded attempt discarded");
+            tracing::info!(
+                status = describe(current),
+                error = %message,
+                "failure of a superseded attempt discarded",
+            );
             AttemptEnd::Superseded
         }
         (None, _) => AttemptEnd::Unrecorded,
@@ -321,7 +331,10 @@ where
                 pause = (pause * 2).min(Duration::from_secs(5));
             }
             Err(err) => {
-                tracing::error!(error = %err, "gave up recording the outcome; the lease will lapse");
+                tracing::error!(
+                    error = %err,
+                    "gave up recording the outcome; the lease will lapse",
+                );
                 return None;
             }
         }

@@ -129,8 +129,11 @@ impl Inner {
         match self.store.rescue_expired().await {
             Ok(rescued) => {
                 for r in &rescued {
-                    metrics::counter!("root_orchestrator_requests_rescued_total", "strategy" => STRATEGY)
-                        .increment(1);
+                    metrics::counter!(
+                        "root_orchestrator_requests_rescued_total",
+                        "strategy" => STRATEGY
+                    )
+                    .increment(1);
                     tracing::warn!(
                         request_id = %r.request_id,
                         previous_owner = %r.previous_owner,
@@ -189,7 +192,10 @@ impl Inner {
             match event {
                 Some(StoreEvent::Cancelled(id)) => {
                     if let Some(token) = self.running().get(&id) {
-                        tracing::info!(request_id = %id, "cancelled elsewhere; stopping its executor");
+                        tracing::info!(
+                            request_id = %id,
+                            "cancelled elsewhere; stopping its executor",
+                        );
                         token.cancel();
                     }
                 }

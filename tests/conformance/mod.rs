@@ -1003,7 +1003,8 @@ fn op_strategy() -> impl proptest::strategy::Strategy<Value = Op> {
         2 => Just(Op::Insert),
         3 => any::<bool>().prop_map(|expired| Op::Claim { expired }),
         3 => (0usize..8).prop_map(|lease| Op::MarkExecuting { lease }),
-        1 => (0usize..8, 0u8..=100).prop_map(|(lease, percentage)| Op::Progress { lease, percentage }),
+        1 => (0usize..8, 0u8..=100)
+            .prop_map(|(lease, percentage)| Op::Progress { lease, percentage }),
         2 => (0usize..8).prop_map(|lease| Op::Complete { lease }),
         2 => (0usize..8, any::<bool>()).prop_map(|(lease, retry)| Op::Fail { lease, retry }),
         1 => (0usize..8).prop_map(|lease| Op::Release { lease }),
