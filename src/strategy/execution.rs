@@ -246,6 +246,33 @@ async fn run_leased(
     }
 }
 
+/// The graceful end of a shutdown, shared by the strategies: running attempts get `grace`
+/// to finish; then `hand_back` tells the rest to return their requests, and they are
+/// awaited until they have.
+pub(crate) async fn drain_attempts(
+    attempts: &mut tokio::task::JoinSet<()>,
+    grace: Duration,
+    hand_back: &CancellationToken,
+    span: &tracing::Span,
+) {
+    while attempts.try_join_next().is_some() {}
+    tracing::info!(parent: span, in_flight = attempts.len(), "shutting down: taking no new work");
+
+    let drained = tokio::time::timeout(grace, async {
+        while attempts.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            parent: span,
+            in_flight = attempts.len(),
+            "grace period over; handing back running requests"
+        );
+        hand_back.cancel();
+        while attempts.join_next().await.is_some() {}
+    }
+}
+
 /// Records a failed attempt: a retry after the backoff while attempts remain and the
 /// failure is worth it, `FAILED` otherwise.
 async fn record_failure(

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::ProcessingStrategy;
-use super::execution::{AttemptEnd, AttemptSettings, run_attempt};
+use super::execution::{AttemptEnd, AttemptSettings, drain_attempts, run_attempt};
 use crate::config::QueueConfig;
 use crate::error::{Error, Result};
 use crate::executor::ExecutorRegistry;
@@ -869,25 +869,13 @@ impl Inner {
             }
         }
 
-        while deliveries.try_join_next().is_some() {}
-        tracing::info!(
-            parent: &span,
-            in_flight = deliveries.len(),
-            "shutting down: no new messages",
-        );
-        let drained = tokio::time::timeout(config.shutdown_grace_period, async {
-            while deliveries.join_next().await.is_some() {}
-        })
+        drain_attempts(
+            &mut deliveries,
+            config.shutdown_grace_period,
+            &hand_back,
+            &span,
+        )
         .await;
-        if drained.is_err() {
-            tracing::warn!(
-                parent: &span,
-                in_flight = deliveries.len(),
-                "grace period over; handing back running requests"
-            );
-            hand_back.cancel();
-            while deliveries.join_next().await.is_some() {}
-        }
 
         helpers_stop.cancel();
         let _ = maintenance.await;

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::ProcessingStrategy;
-use super::execution::{AttemptEnd, AttemptSettings, run_attempt};
+use super::execution::{AttemptEnd, AttemptSettings, drain_attempts, run_attempt};
 use crate::config::TableConfig;
 use crate::error::Result;
 use crate::executor::ExecutorRegistry;
@@ -386,20 +386,13 @@ impl TableStrategy {
             }
         }
 
-        tracing::info!(parent: &span, in_flight = attempts.len(), "shutting down: no new claims");
-        let drained = tokio::time::timeout(config.shutdown_grace_period, async {
-            while attempts.join_next().await.is_some() {}
-        })
+        drain_attempts(
+            &mut attempts,
+            config.shutdown_grace_period,
+            &hand_back,
+            &span,
+        )
         .await;
-        if drained.is_err() {
-            tracing::warn!(
-                parent: &span,
-                in_flight = attempts.len(),
-                "grace period over; handing back running requests"
-            );
-            hand_back.cancel();
-            while attempts.join_next().await.is_some() {}
-        }
 
         maintenance_stop.cancel();
         let _ = maintenance.await;
