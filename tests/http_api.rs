@@ -873,3 +873,58 @@ async fn the_openapi_document_covers_every_route_with_the_answers_it_gives() {
     server.submit(ALICE, &minimal).await;
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_must_be_one_header_and_may_use_a_tab_after_the_scheme() {
+    let server = Server::memory_without_workers().await;
+    let url = format!("{}{COLLECTION}", server.base);
+
+    let reply = http_support::Reply::from(
+        server
+            .client
+            .get(&url)
+            .header("authorization", "Bearer\talice-token")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+
+    // Two headers, whichever comes first, and even when both are valid: refused.
+    for (first, second) in [
+        ("Bearer alice-token", "Bearer bob-token"),
+        ("Bearer wrong", "Bearer alice-token"),
+        ("Bearer alice-token", "Bearer alice-token"),
+    ] {
+        let reply = http_support::Reply::from(
+            server
+                .client
+                .get(&url)
+                .header("authorization", first)
+                .header("authorization", second)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        let problem = reply.problem(401, "unauthenticated");
+        assert!(
+            problem["detail"]
+                .as_str()
+                .unwrap()
+                .contains("more than one Authorization header"),
+            "{}",
+            reply.text
+        );
+        assert!(
+            reply.headers["www-authenticate"]
+                .to_str()
+                .unwrap()
+                .contains("invalid_request"),
+            "{:?}",
+            reply.headers
+        );
+    }
+    server.stop().await;
+}

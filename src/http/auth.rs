@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use axum::http::{HeaderMap, header};
 
 use crate::error::{BoxError, Error, Result};
-use crate::model::Request;
+use crate::model::{Configuration, NewRequest, Request, RequestType, Source};
 use crate::store::Visibility;
 
 /// An authenticated caller: a user, and the projects whose requests they may see.
@@ -72,6 +72,10 @@ pub enum AuthError {
     /// Credentials were sent but are not valid (answered 401 with `invalid_token`).
     #[error("the credentials sent are not valid")]
     InvalidCredentials,
+    /// More than one `Authorization` header was sent, so which one counts is ambiguous
+    /// (answered 401 with `invalid_request`).
+    #[error("more than one Authorization header was sent; send exactly one")]
+    AmbiguousCredentials,
     /// The authenticator could not decide, for example because its identity provider is
     /// unreachable (answered 503).
     #[error("credentials could not be checked now")]
@@ -117,21 +121,34 @@ pub trait Authenticator: Send + Sync + 'static {
 
 /// The token of an `Authorization: Bearer <token>` header.
 ///
+/// The scheme is matched in any case and may be followed by any ASCII whitespace (spaces
+/// or tabs) before the token.
+///
 /// # Errors
 ///
 /// [`AuthError::MissingCredentials`] without such a header (or with another scheme),
+/// [`AuthError::AmbiguousCredentials`] when the header is given more than once,
 /// [`AuthError::InvalidCredentials`] when the header is not readable text or the token
 /// is empty.
 pub fn bearer_token(headers: &HeaderMap) -> Result<&str, AuthError> {
-    let Some(value) = headers.get(header::AUTHORIZATION) else {
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let Some(value) = values.next() else {
         return Err(AuthError::MissingCredentials);
     };
+    // Proxies and clients disagree on which of several headers wins; guessing could
+    // authenticate a call as someone its sender did not mean.
+    if values.next().is_some() {
+        return Err(AuthError::AmbiguousCredentials);
+    }
     let value = value.to_str().map_err(|_| AuthError::InvalidCredentials)?;
-    let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
+    let value = value.trim_matches(|c: char| c.is_ascii_whitespace());
+    let (scheme, token) = value
+        .split_once(|c: char| c.is_ascii_whitespace())
+        .unwrap_or((value, ""));
     if !scheme.eq_ignore_ascii_case("bearer") {
         return Err(AuthError::MissingCredentials);
     }
-    let token = token.trim();
+    let token = token.trim_matches(|c: char| c.is_ascii_whitespace());
     if token.is_empty() {
         return Err(AuthError::InvalidCredentials);
     }
@@ -144,9 +161,16 @@ pub fn bearer_token(headers: &HeaderMap) -> Result<&str, AuthError> {
 /// constant time and never printed (`Debug` shows only the users).
 ///
 /// The text form, as [`StaticTokens::parse`] and [`StaticTokens::from_env`] read it, is
-/// `token=user:project,project;token=user:project`: entries separated by `;`, each a
-/// token, `=`, a user id and, after an optional `:`, that user's projects separated by
-/// `,`. Blanks around each part are ignored.
+/// `token=user:project,project;token=user:project`: entries separated by `;` or line
+/// breaks, each a token, `=`, a user id and, after an optional `:`, that user's projects
+/// separated by `,`. Blanks around each part are ignored. An entry is split at its last
+/// `=`, so tokens may contain `=` (base64 padding) while user ids and projects may not.
+///
+/// Tokens are visible ASCII (`!` to `~`), since that is all an `Authorization` header can
+/// carry. User ids and projects must be values the store accepts as `user_id` and
+/// `project_id` (see [`NewRequest::validate`]): non-blank, at most 256 bytes, without
+/// control or invisible formatting characters. A setting that breaks any rule is refused
+/// when read, naming the entry by position and never printing its token.
 ///
 /// # Examples
 ///
@@ -199,7 +223,9 @@ impl StaticTokens {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] when the token is empty, contains blanks, or is given twice.
+    /// [`Error::InvalidConfig`] when the token is empty, has a character outside visible
+    /// ASCII (`!` to `~`), or is given twice, or when the principal's user id or one of its
+    /// projects is a value the store would refuse.
     pub fn with_token(mut self, token: impl Into<String>, principal: Principal) -> Result<Self> {
         let token = token.into();
         let refuse = |expected: &str| Error::InvalidConfig {
@@ -207,9 +233,17 @@ impl StaticTokens {
             value: "(hidden)".into(),
             expected: expected.into(),
         };
-        if token.is_empty() || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(refuse("a non-empty token without blanks"));
+        // A header value is ASCII; a token with anything else could never be presented.
+        if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(refuse(
+                "a non-empty token of visible ASCII characters (`!` to `~`, no blanks)",
+            ));
         }
+        check_principal(&principal).map_err(|expected| Error::InvalidConfig {
+            name: "principal".into(),
+            value: principal.user_id.chars().take(64).collect(),
+            expected,
+        })?;
         if self.tokens.iter().any(|(known, _)| *known == token) {
             return Err(refuse(&format!(
                 "a token not already given (again for user `{}`)",
@@ -251,11 +285,17 @@ impl StaticTokens {
             expected: expected.into(),
         };
         let mut tokens = StaticTokens::new();
-        let entries = spec.split(';').map(str::trim).filter(|e| !e.is_empty());
+        // Line breaks separate entries too: a multi-line setting must not fold the next
+        // entry into the last project's name.
+        let entries = spec
+            .split([';', '\n', '\r'])
+            .map(str::trim)
+            .filter(|e| !e.is_empty());
         for (i, entry) in entries.enumerate() {
             let n = i + 1;
+            // The last `=`: tokens may end in base64 padding, users and projects have none.
             let (token, rest) = entry
-                .split_once('=')
+                .rsplit_once('=')
                 .ok_or_else(|| refuse(n, "`token=user:project,project`"))?;
             let (user, projects) = rest.split_once(':').unwrap_or((rest, ""));
             let user = user.trim();
@@ -285,6 +325,33 @@ impl StaticTokens {
     pub fn is_empty(&self) -> bool {
         self.tokens.is_empty()
     }
+}
+
+/// Checks that the store would accept the principal's user id and each of its projects,
+/// so that a bad setting is refused when read instead of failing every submit with 422.
+/// The error names the value (shortened, escaped) and what is wrong with it.
+fn check_principal(principal: &Principal) -> std::result::Result<(), String> {
+    // The model's own checks, through a submission that is valid but for the value tried:
+    // `validate` reports the first bad field, and everything else here is fine.
+    let probe = |project_id: &str, user_id: &str| {
+        let mut configuration = Configuration::new(["probe"]);
+        configuration.sources.push(Source::new("probe", "probe"));
+        let request_type = RequestType::new("probe")?;
+        NewRequest::new(project_id, user_id, request_type, configuration).validate()
+    };
+    let explain = |what: &str, value: &str, err: Error| {
+        let shown: String = value.chars().take(40).collect();
+        let problem = match err {
+            Error::InvalidRequest { problem, .. } => problem,
+            other => other.to_string(),
+        };
+        format!("{what} the store accepts; {shown:?} {problem}")
+    };
+    probe("probe", &principal.user_id).map_err(|e| explain("a user id", &principal.user_id, e))?;
+    for project in &principal.projects {
+        probe(project, "probe").map_err(|e| explain("projects", project, e))?;
+    }
+    Ok(())
 }
 
 /// Compares without stopping at the first difference, so that the time taken does not
@@ -378,6 +445,121 @@ mod tests {
             !debug.contains("s3cret") && debug.contains("alice"),
             "{debug}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_token_ending_in_base64_padding_keeps_its_padding() {
+        let tokens = StaticTokens::parse("dGVzdA===alice:p; YWI==bob").unwrap();
+        let alice = tokens
+            .authenticate(&with_authorization("Bearer dGVzdA=="))
+            .await
+            .unwrap();
+        assert_eq!(alice, Principal::new("alice", ["p"]));
+        let bob = tokens
+            .authenticate(&with_authorization("Bearer YWI="))
+            .await
+            .unwrap();
+        assert_eq!(bob.user_id, "bob");
+        assert!(
+            tokens
+                .authenticate(&with_authorization("Bearer dGVzdA"))
+                .await
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn line_breaks_separate_entries_like_semicolons() {
+        let tokens = StaticTokens::parse("t1=alice:p1,p2\r\nt2=bob:p3\n\nt3=carol").unwrap();
+        let principals: Vec<_> = tokens.tokens.iter().map(|(_, p)| p.clone()).collect();
+        assert_eq!(
+            principals,
+            [
+                Principal::new("alice", ["p1", "p2"]),
+                Principal::new("bob", ["p3"]),
+                Principal::new("carol", Vec::<String>::new()),
+            ]
+        );
+    }
+
+    #[test]
+    fn tokens_outside_visible_ascii_are_refused_without_echoing_them() {
+        for spec in [
+            "ok=a;tökén=alice",
+            "ok=a;bell\u{7}x=alice",
+            "ok=a;nb\u{a0}sp=alice",
+        ] {
+            let err = StaticTokens::parse(spec).unwrap_err().to_string();
+            assert!(err.contains("entry 2"), "{spec}: {err}");
+            assert!(err.contains("visible ASCII"), "{spec}: {err}");
+            for secret in ["tök", "bell", "nb"] {
+                assert!(!err.contains(secret), "{err}");
+            }
+        }
+        let err = StaticTokens::new()
+            .with_token("naïve", Principal::new("alice", ["p"]))
+            .unwrap_err();
+        assert!(err.to_string().contains("visible ASCII"), "{err}");
+    }
+
+    #[test]
+    fn users_and_projects_the_store_would_refuse_are_refused_when_read() {
+        let long = "u".repeat(257);
+        let cases = [
+            (
+                format!("s3cret=ok;s3cret2={long}:p"),
+                "a user id",
+                "257 bytes",
+            ),
+            (
+                "s3cret=ok;s3cret2=al\u{7}ice:p".to_owned(),
+                "a user id",
+                "control",
+            ),
+            (
+                "s3cret=ok;s3cret2=alice:p1,p\u{200B}2".to_owned(),
+                "projects",
+                "U+200B",
+            ),
+            (
+                format!("s3cret=ok;s3cret2=alice:p1,{}", "p".repeat(300)),
+                "projects",
+                "300 bytes",
+            ),
+        ];
+        for (spec, what, why) in cases {
+            let err = StaticTokens::parse(&spec).unwrap_err().to_string();
+            assert!(err.contains("entry 2"), "{err}");
+            assert!(err.contains(what) && err.contains(why), "{err}");
+            assert!(!err.contains("s3cret"), "{err}");
+        }
+        // At the edge: 256 bytes is still accepted, as the store accepts it.
+        let edge = format!("t={}:{}", "u".repeat(256), "p".repeat(256));
+        assert_eq!(StaticTokens::parse(&edge).unwrap().len(), 1);
+
+        let err = StaticTokens::new()
+            .with_token("tok", Principal::new(" ", ["p"]))
+            .unwrap_err();
+        assert!(err.to_string().contains("blank"), "{err}");
+    }
+
+    #[test]
+    fn the_scheme_may_be_followed_by_a_tab_and_two_headers_are_ambiguous() {
+        for value in ["Bearer\tt1", "bearer  t1 ", " Bearer\t \tt1\t"] {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::AUTHORIZATION, HeaderValue::from_str(value).unwrap());
+            assert_eq!(bearer_token(&headers).unwrap(), "t1", "{value:?}");
+        }
+
+        // Even the same token twice: which header counts is still a guess.
+        for second in ["Bearer t2", "Bearer t1"] {
+            let mut headers = with_authorization("Bearer t1");
+            headers.append(header::AUTHORIZATION, HeaderValue::from_static(second));
+            assert!(matches!(
+                bearer_token(&headers),
+                Err(AuthError::AmbiguousCredentials)
+            ));
+        }
     }
 
     #[test]

@@ -152,6 +152,14 @@ impl Problem {
         problem
     }
 
+    /// 401 for an `Authorization` that cannot be read as one credential (such as two
+    /// headers): a bearer challenge with `invalid_request`.
+    pub(crate) fn malformed_credentials(detail: impl Into<String>) -> Self {
+        let mut problem = Problem::unauthenticated(detail, false);
+        problem.challenge = Some("Bearer realm=\"root-orchestrator\", error=\"invalid_request\"");
+        problem
+    }
+
     /// 403: the caller may not act for `field`'s value.
     pub fn forbidden(field: impl Into<String>, detail: impl Into<String>) -> Self {
         Problem::new(

@@ -45,6 +45,7 @@ impl ApiState {
             .map_err(|err| match err {
                 AuthError::MissingCredentials => Problem::unauthenticated(err.to_string(), false),
                 AuthError::InvalidCredentials => Problem::unauthenticated(err.to_string(), true),
+                AuthError::AmbiguousCredentials => Problem::malformed_credentials(err.to_string()),
                 AuthError::Unavailable(cause) => {
                     tracing::warn!(error = %cause, "authenticator unavailable");
                     Problem::unavailable("credentials cannot be checked now; try again shortly")
