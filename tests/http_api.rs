@@ -489,17 +489,28 @@ async fn users_see_list_and_cancel_only_their_own_and_their_projects_requests() 
         .await;
     assert_eq!(reply.problem(403, "forbidden")["field"], "project_id");
 
-    // Reusing the id of a request alice may not see is refused without showing it.
+    // Reusing the id of a request alice may not see is refused: that the id is in use
+    // shows (ids are one namespace), nothing else about bob's request does.
     let mut taken = body("glp1", json!({}));
     taken["request_id"] = json!(bobs);
     let reply = server.post(COLLECTION, ALICE, &taken).await;
     let problem = reply.problem(409, "request-id-taken");
     assert_eq!(problem["field"], "request_id");
-    assert!(
-        !reply.text.contains("oncology") && !reply.text.contains("bob"),
+    let members: BTreeSet<&str> = problem
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        members,
+        BTreeSet::from(["type", "title", "status", "detail", "field"]),
         "{}",
         reply.text
     );
+    for secret in ["oncology", "bob", bobs.as_str(), "PENDING"] {
+        assert!(!reply.text.contains(secret), "{secret}: {}", reply.text);
+    }
 
     let (ids, _) = list_all(&server, CAROL, COLLECTION).await;
     assert_eq!(
@@ -612,8 +623,10 @@ async fn bad_input_is_refused_with_problems_and_stores_nothing() {
     }
 
     // 422: JSON with a value that is not accepted, the field named.
+    let positional = json!([null, "glp1", "alice", INTEL, "high", valid["configuration"]]);
     let cases: Vec<(Value, &str)> = vec![
         (json!("a string"), "."),
+        (positional, "."),
         (json!({"request_type": INTEL}), "project_id"),
         (
             json!({"project_id": "glp1", "request_type": INTEL, "configuration": {}}),
@@ -758,6 +771,10 @@ async fn operational_routes_answer_and_readiness_follows_the_store() {
         .get(&format!("{COLLECTION}/{id}/status"), ALICE)
         .await;
     status.problem(503, "unavailable");
+    // Both tell clients and probes when to come back.
+    for reply in [&ready, &status] {
+        assert_eq!(reply.headers["retry-after"], "5", "{:?}", reply.headers);
+    }
     server.stop().await;
 }
 
@@ -874,6 +891,61 @@ async fn the_openapi_document_covers_every_route_with_the_answers_it_gives() {
     server.stop().await;
 }
 
+/// Sends `request` on a new connection, which the client leaves open without finishing
+/// the body, and returns the start of the answer. Fails if none comes within 5 s.
+async fn answer_before_the_body_ends(server: &Server, request: Vec<u8>) -> String {
+    let address = server.base.trim_start_matches("http://").to_owned();
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(address).unwrap();
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        stream.write_all(&request).unwrap();
+        let mut answer = vec![0; 4096];
+        let n = stream
+            .read(&mut answer)
+            .expect("an answer while the body is still being sent");
+        String::from_utf8_lossy(&answer[..n]).into_owned()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_are_checked_before_the_body_is_read() {
+    let server = Server::memory_without_workers().await;
+
+    // A declared megabyte of which a few bytes arrive: without valid credentials the
+    // answer comes at once, not after the body (which never comes).
+    for authorization in ["", "Authorization: Bearer wrong-token\r\n"] {
+        let request = format!(
+            "POST {COLLECTION} HTTP/1.1\r\nHost: 127.0.0.1\r\n{authorization}\
+             Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n{{\"project_id\":"
+        );
+        let answer = answer_before_the_body_ends(&server, request.into_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 401 "), "{answer}");
+        assert!(answer.contains("application/problem+json"), "{answer}");
+    }
+
+    // Every protected route answers 401 before anything else, body or not.
+    let some_body = json!({"padding": "x".repeat(100)});
+    for (method, path) in [
+        (Method::POST, COLLECTION.to_owned()),
+        (Method::GET, COLLECTION.to_owned()),
+        (Method::GET, format!("{COLLECTION}/some-id/status")),
+        (Method::GET, format!("{COLLECTION}/some-id/results")),
+        (Method::POST, format!("{COLLECTION}/some-id/cancel")),
+    ] {
+        let reply = server
+            .call(method.clone(), &path, None, Some(&some_body))
+            .await;
+        reply.problem(401, "unauthenticated");
+        assert!(reply.headers.contains_key("www-authenticate"), "{path}");
+    }
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authorization_must_be_one_header_and_may_use_a_tab_after_the_scheme() {
     let server = Server::memory_without_workers().await;
@@ -924,6 +996,91 @@ async fn authorization_must_be_one_header_and_may_use_a_tab_after_the_scheme() {
                 .contains("invalid_request"),
             "{:?}",
             reply.headers
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_and_overlong_ids_are_not_found_without_echoing_them_whole() {
+    let server = Server::memory_without_workers().await;
+
+    for route in ["status", "results"] {
+        let path = format!("{COLLECTION}/%FF/{route}");
+        let reply = server.get(&path, ALICE).await;
+        reply.problem(404, "not-found");
+        // Without a token, credentials come first, as on every request route.
+        let reply = server.call(Method::GET, &path, None, None).await;
+        reply.problem(401, "unauthenticated");
+    }
+    let reply = server
+        .call(
+            Method::POST,
+            &format!("{COLLECTION}/%C3%28/cancel"),
+            Some(ALICE),
+            None,
+        )
+        .await;
+    reply.problem(404, "not-found");
+
+    let long = "x".repeat(5000);
+    let reply = server
+        .get(&format!("{COLLECTION}/{long}/status"), ALICE)
+        .await;
+    let detail = reply.problem(404, "not-found")["detail"].as_str().unwrap();
+    assert!(detail.len() < 300, "{} bytes", detail.len());
+    assert!(
+        detail.contains(&format!("{}…", "x".repeat(128))),
+        "{detail}"
+    );
+    let reply = server
+        .call(Method::GET, &format!("/{long}"), None, None)
+        .await;
+    let detail = reply.problem(404, "no-route")["detail"].as_str().unwrap();
+    assert!(detail.len() < 300, "{} bytes", detail.len());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_takes_empty_values_as_left_out_and_names_a_repeated_parameter() {
+    let server = Server::memory_without_workers().await;
+    let mut submitted = Vec::new();
+    for _ in 0..3 {
+        submitted.push(server.submit(CAROL, &body("glp1", json!({}))).await);
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    submitted.reverse();
+
+    let empty = format!("{COLLECTION}?status=&project_id=&request_type=&cursor=&limit=");
+    let (ids, _) = list_all(&server, CAROL, &empty).await;
+    assert_eq!(ids, submitted);
+    // The `next` link does not carry the empty values on.
+    let reply = server
+        .get(&format!("{COLLECTION}?request_type=&limit=1"), CAROL)
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    let next = reply.json["next"].as_str().unwrap();
+    assert!(!next.contains("request_type"), "{next}");
+    let (ids, pages) = list_all(
+        &server,
+        CAROL,
+        &format!("{COLLECTION}?request_type=&limit=1"),
+    )
+    .await;
+    assert_eq!((ids, pages), (submitted.clone(), 3));
+
+    for query in ["limit=1&limit=2", "status=PENDING&status=FAILED"] {
+        let reply = server.get(&format!("{COLLECTION}?{query}"), CAROL).await;
+        let problem = reply.problem(422, "invalid-request");
+        let name = query.split('=').next().unwrap();
+        assert_eq!(problem["field"], name, "{query}");
+        assert!(
+            problem["detail"]
+                .as_str()
+                .unwrap()
+                .contains("more than once"),
+            "{}",
+            reply.text
         );
     }
     server.stop().await;

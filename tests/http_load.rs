@@ -165,6 +165,15 @@ async fn two_hundred_concurrent_submits_are_all_processed_and_listed_once() {
         !text.contains("root_orchestrator_requests_failed_total{"),
         "{text}"
     );
+    // The per-status gauge the workers publish is described like every other metric.
+    assert!(
+        text.contains("# HELP root_orchestrator_requests Requests in the store per `status`"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE root_orchestrator_requests gauge"),
+        "{text}"
+    );
 
     server.stop().await;
 }

@@ -19,6 +19,19 @@ pub const PROCESSING_SECONDS: &str = "root_orchestrator_processing_seconds";
 /// Requests waiting for a worker, refreshed at every scrape.
 pub const QUEUE_DEPTH: &str = "root_orchestrator_queue_depth";
 
+/// The gauges the strategies publish as they run, with what each shows. A gauge without a
+/// description renders with no `# HELP` line, which leaves dashboards guessing.
+const GAUGES: &[(&str, &str)] = &[
+    (
+        "root_orchestrator_requests",
+        "Requests in the store per `status`, as the strategy last counted them.",
+    ),
+    (
+        "root_orchestrator_queue_dead_letter_depth",
+        "Messages in the dead-letter queue (queue strategies).",
+    ),
+];
+
 /// Bucket bounds of [`PROCESSING_SECONDS`], in seconds: workflows take from well under a
 /// second to an hour.
 pub const PROCESSING_SECONDS_BUCKETS: &[f64] = &[
@@ -114,8 +127,12 @@ fn describe() {
     metrics::describe_gauge!(
         QUEUE_DEPTH,
         Unit::Count,
-        "Requests waiting for a worker (PENDING), counted at scrape time."
+        "Requests waiting for a worker (PENDING), counted at scrape time; queue strategies \
+         also report their messages per `state`."
     );
+    for (name, help) in GAUGES {
+        metrics::describe_gauge!(*name, Unit::Count, *help);
+    }
 }
 
 /// Refreshes the gauges that are read from the store, then renders every metric.

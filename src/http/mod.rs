@@ -16,24 +16,38 @@
 //!
 //! Request routes need credentials, which an [`Authenticator`] turns into a [`Principal`]:
 //! a user and the projects they may access ([`StaticTokens`] reads fixed bearer tokens).
-//! A principal sees, lists and cancels the requests it submitted and every request of its
-//! projects; any other request answers 404 exactly as a missing one does, so its existence
-//! never leaks. A submit must be for one of the principal's projects, and as the principal:
-//! `user_id` may be left out (it is filled in), and naming another user is refused with 403
-//! rather than rewritten, so that a client's mistake shows. Listings are limited to what
-//! the principal may see inside the store (see [`ListFilter::visible_to`]), so pages and
-//! cursors stay exact.
+//! Credentials are checked before the body is read, so a caller without them can neither
+//! send a body nor keep the server waiting for one. A principal sees, lists and cancels the
+//! requests it submitted and every request of its projects; reading or cancelling any other
+//! request answers 404 exactly as a missing one does. A submit must be for one of the
+//! principal's projects, and as the principal: `user_id` may be left out (it is filled in),
+//! and naming another user is refused with 403 rather than rewritten, so that a client's
+//! mistake shows. Listings are limited to what the principal may see inside the store (see
+//! [`ListFilter::visible_to`]), so pages and cursors stay exact.
+//!
+//! One thing does show across users: request ids are a single namespace, so a submit with
+//! a caller-given `request_id` that another user already used answers 409
+//! (`request-id-taken`), which tells that the id is in use, though nothing else about that
+//! request. Ids are generated (UUIDv7) when left out, which is the default; clients that
+//! give their own, for idempotent retries, should use random ones such as UUIDs.
 //!
 //! The operational routes (`/health`, `/ready`, `/metrics`, `/openapi.json`) need no
 //! credentials; expose them only where your network policy allows.
 //!
 //! # Errors
 //!
-//! Every error is an RFC 9457 problem (`application/problem+json`, see [`Problem`]):
-//! 400 malformed JSON, 401 no valid credentials, 403 another user or project, 404 an
-//! unknown (or invisible) id, 409 results not ready or a finished request, 413 a body over
-//! the limit, 415 not JSON, 422 a value that is not accepted (`field` names it), 503 the
-//! store is unreachable. Nothing is stored for a refused request.
+//! Every error the router answers is an RFC 9457 problem (`application/problem+json`, see
+//! [`Problem`]): 400 malformed JSON, 401 no valid credentials (none, a wrong token, or
+//! more than one `Authorization` header), 403 another user or project, 404 an unknown (or
+//! invisible, or unreadable) id, 409 results not ready, a failed or cancelled request's
+//! results, a finished request's cancel or a `request_id` taken by someone else, 413 a
+//! body over the limit, 415 not JSON, 422 a body that is not a JSON object or a value that
+//! is not accepted (`field` names it; a repeated query parameter too), 503 the store is
+//! unreachable (with `Retry-After`). Nothing is stored for a refused request. An empty
+//! query value (`?status=`) is the same as leaving the parameter out.
+//!
+//! Errors raised by the HTTP server before the router sees a call are not problems: hyper
+//! answers a header section over its limit with a bare 431, for example.
 //!
 //! [`ListFilter::visible_to`]: crate::ListFilter::visible_to
 //!
@@ -69,7 +83,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 pub use auth::{AuthError, Authenticator, Principal, StaticTokens, bearer_token};
 pub use metrics::{PROCESSING_SECONDS, PROCESSING_SECONDS_BUCKETS, QUEUE_DEPTH, install_recorder};
 pub use openapi::openapi;
-pub use problem::{PROBLEM_JSON, Problem, kind};
+pub use problem::{PROBLEM_JSON, Problem, RETRY_AFTER_SECONDS, kind};
 
 use crate::orchestrator::RootOrchestrator;
 use router::{ApiState, REQUESTS};

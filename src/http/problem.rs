@@ -12,6 +12,13 @@ use crate::status::RequestStatus;
 /// The media type of every error body.
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
+/// The `Retry-After` of a 503 that a later call may not meet, in seconds: long enough
+/// not to hammer a store that is restarting, short enough for a brief outage.
+pub const RETRY_AFTER_SECONDS: u32 = 5;
+
+/// Longest part of a client's input (an id, a path) repeated in a `detail`, in characters.
+const MAX_ECHO_CHARS: usize = 128;
+
 /// Problem types: a URN per kind of problem, so that clients can branch on `type`
 /// without parsing `title` or `detail`.
 pub mod kind {
@@ -39,7 +46,9 @@ pub mod kind {
     pub const REQUEST_CANCELLED: &str = "urn:root-orchestrator:problem:request-cancelled";
     /// The request has already finished, so it cannot be cancelled.
     pub const ALREADY_FINISHED: &str = "urn:root-orchestrator:problem:already-finished";
-    /// A caller-given `request_id` is taken by a request the caller may not see.
+    /// A caller-given `request_id` is already used by a request the caller may not see.
+    /// Ids are one namespace across users, so this tells that the id is in use, and
+    /// nothing else about that request.
     pub const ID_TAKEN: &str = "urn:root-orchestrator:problem:request-id-taken";
     /// The store or another dependency cannot be reached; try again later.
     pub const UNAVAILABLE: &str = "urn:root-orchestrator:problem:unavailable";
@@ -89,6 +98,9 @@ pub struct Problem {
     /// The `WWW-Authenticate` challenge sent with a 401; not part of the body.
     #[serde(skip)]
     challenge: Option<&'static str>,
+    /// The `Retry-After` sent with a 503, in seconds; not part of the body.
+    #[serde(skip)]
+    retry_after: Option<u32>,
 }
 
 impl Problem {
@@ -109,6 +121,7 @@ impl Problem {
             request_status: None,
             errors: None,
             challenge: None,
+            retry_after: None,
         }
     }
 
@@ -127,12 +140,24 @@ impl Problem {
 
     /// 404 for an id that does not exist or that the caller may not see: the two are
     /// answered alike, so that the answer never tells that someone else's request exists.
+    /// A long id is cut in `detail`.
     pub fn not_found(id: &str) -> Self {
         Problem::new(
             StatusCode::NOT_FOUND,
             kind::NOT_FOUND,
             "Request not found",
-            format!("no request `{id}` is visible to you"),
+            format!("no request `{}` is visible to you", echo(id)),
+        )
+    }
+
+    /// 404 for a path whose id cannot even be read (not UTF-8 once decoded): answered like
+    /// any unknown id.
+    pub(crate) fn unreadable_id() -> Self {
+        Problem::new(
+            StatusCode::NOT_FOUND,
+            kind::NOT_FOUND,
+            "Request not found",
+            "no request with that id is visible to you",
         )
     }
 
@@ -181,14 +206,23 @@ impl Problem {
         )
     }
 
-    /// 503: the store (or another dependency) cannot be reached now.
+    /// 503: the store (or another dependency) cannot be reached now; answered with
+    /// `Retry-After` ([`RETRY_AFTER_SECONDS`]).
     pub fn unavailable(detail: impl Into<String>) -> Self {
-        Problem::new(
+        let mut problem = Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,
             kind::UNAVAILABLE,
             "Service unavailable",
             detail,
-        )
+        );
+        problem.retry_after = Some(RETRY_AFTER_SECONDS);
+        problem
+    }
+
+    /// The same problem without `Retry-After`, for a 503 that waiting will not cure.
+    pub(crate) fn without_retry_after(mut self) -> Self {
+        self.retry_after = None;
+        self
     }
 
     /// Names the offending field.
@@ -245,6 +279,15 @@ impl From<Error> for Problem {
                 Problem::internal()
             }
         }
+    }
+}
+
+/// `text`, cut to [`MAX_ECHO_CHARS`] characters (marked with `…`), for repeating client
+/// input in a `detail` without letting the client decide how large the answer is.
+pub(crate) fn echo(text: &str) -> std::borrow::Cow<'_, str> {
+    match text.char_indices().nth(MAX_ECHO_CHARS) {
+        Some((cut, _)) => format!("{}…", &text[..cut]).into(),
+        None => text.into(),
     }
 }
 
@@ -308,6 +351,9 @@ impl IntoResponse for Problem {
                 HeaderValue::from_static(challenge),
             );
         }
+        if let Some(seconds) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
         response
     }
 }
@@ -370,5 +416,37 @@ mod tests {
             .unwrap();
         assert!(challenge.contains("invalid_token"), "{challenge}");
         assert_eq!(response.headers()[header::CONTENT_TYPE], PROBLEM_JSON);
+    }
+
+    #[test]
+    fn unavailable_problems_say_when_to_retry() {
+        let err = Error::store("get", std::io::Error::other("connection reset"));
+        let response = Problem::from(err).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "5");
+
+        let response = Problem::unavailable("no recorder")
+            .without_retry_after()
+            .into_response();
+        assert!(response.headers().get(header::RETRY_AFTER).is_none());
+        let response = Problem::not_found("x").into_response();
+        assert!(response.headers().get(header::RETRY_AFTER).is_none());
+    }
+
+    #[test]
+    fn a_long_unknown_id_is_cut_in_the_detail() {
+        let id = "é".repeat(5000);
+        let detail = Problem::not_found(&id).detail;
+        assert!(
+            detail.chars().count() < 200,
+            "{} chars",
+            detail.chars().count()
+        );
+        assert!(
+            detail.contains(&format!("`{}…`", "é".repeat(128))),
+            "{detail}"
+        );
+        let short = Problem::not_found("req-1").detail;
+        assert_eq!(short, "no request `req-1` is visible to you");
     }
 }

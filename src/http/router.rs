@@ -4,8 +4,9 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{OriginalUri, Path, Query, State};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{FromRequestParts, OriginalUri, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -67,6 +68,35 @@ impl ApiState {
             Err(err) => Err(err.into()),
         }
     }
+}
+
+/// The authenticated caller of a request route.
+///
+/// Handlers take it before every other extractor but `State`: axum runs extractors in
+/// order and the body's last, so a call without valid credentials is refused before its
+/// body is read, and a client without a token can neither send the server a body nor
+/// keep it waiting for one.
+pub(crate) struct Caller(Principal);
+
+impl FromRequestParts<Arc<ApiState>> for Caller {
+    type Rejection = Problem;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        api: &Arc<ApiState>,
+    ) -> Result<Self, Self::Rejection> {
+        api.authenticate(&parts.headers).await.map(Caller)
+    }
+}
+
+/// The `{id}` of a request route. A segment that is not UTF-8 once percent-decoded is no
+/// id that could have been stored, so it is not found, like any other unknown id.
+#[allow(clippy::result_large_err)] // as for `read_submission`
+fn path_id(id: Result<Path<String>, PathRejection>) -> Result<String, Problem> {
+    id.map(|Path(id)| id).map_err(|rejection| {
+        tracing::debug!(%rejection, "unreadable request id in the path");
+        Problem::unreadable_id()
+    })
 }
 
 /// The requests collection as the caller addressed it: the path before
@@ -141,12 +171,18 @@ fn read_submission(
         )
     })?;
 
+    // Serde would take a positional array for the message's fields; the wire shape is an
+    // object, as `RequestMessage::from_json` insists too.
+    let Some(fields) = value.as_object_mut() else {
+        return Err(Problem::invalid(
+            ".",
+            "must be a JSON object: the request in the wire shape",
+        ));
+    };
     // The caller is known, so `user_id` may be left out; one that is given is checked below.
-    if let Some(fields) = value.as_object_mut() {
-        fields
-            .entry("user_id")
-            .or_insert_with(|| principal.user_id.clone().into());
-    }
+    fields
+        .entry("user_id")
+        .or_insert_with(|| principal.user_id.clone().into());
 
     let message: RequestMessage = serde_path_to_error::deserialize(value).map_err(|err| {
         let mut field = err.path().to_string();
@@ -189,9 +225,12 @@ fn read_submission(
 
 /// Submit a market-intelligence request.
 ///
-/// The body is a request in the wire shape. `user_id` may be left out (it is the caller);
-/// if given it must be the caller. A caller-given `request_id` makes the call idempotent:
-/// the same id again answers with the request stored the first time.
+/// The body is a request in the wire shape, a JSON object. `user_id` may be left out (it
+/// is the caller); if given it must be the caller. A caller-given `request_id` makes the
+/// call idempotent: the same id again answers with the request stored the first time.
+/// Ids are one namespace across all users, so an id someone else already used answers 409
+/// (without any detail of that request): use random ids such as UUIDs, or leave the id
+/// out and let the server generate one.
 #[utoipa::path(
     post,
     path = "/market-intelligence/requests",
@@ -203,46 +242,49 @@ fn read_submission(
             headers(("Location" = String, description = "The request's status URL"))),
         (status = 400, description = "The body is not JSON",
             body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid credentials",
-            body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid credentials (checked before the body is read)",
+            body = Problem, content_type = "application/problem+json",
+            headers(("WWW-Authenticate" = String, description = "A `Bearer` challenge"))),
         (status = 403, description = "`user_id` is not the caller, or `project_id` is not \
             one of the caller's projects",
             body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "The `request_id` is taken by a request the caller \
-            may not see",
+        (status = 409, description = "`request-id-taken`: the caller-given `request_id` is \
+            already used by a request the caller may not see (nothing else about it is told)",
             body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "The body is larger than the server accepts",
             body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "The body is not sent as JSON",
             body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "A value is not accepted; `field` names it",
+        (status = 422, description = "The body is not a JSON object, or a value is not \
+            accepted; `field` names it (`.` for the whole body)",
             body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "The store cannot be reached",
-            body = Problem, content_type = "application/problem+json"),
+            body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u32, description = "Seconds to wait before trying again"))),
     ),
     security(("bearer" = []))
 )]
 pub(crate) async fn submit(
     State(api): Shared,
+    Caller(principal): Caller,
     uri: OriginalUri,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Problem> {
-    let principal = api.authenticate(&headers).await?;
     let request = read_submission(&principal, &headers, body)?;
 
     let (stored, replayed) = match api.orchestrator.submit_detailed(request).await? {
         InsertOutcome::Inserted(request) => (request, false),
         InsertOutcome::Existing(request) if principal.can_see(&request) => (request, true),
-        InsertOutcome::Existing(request) => {
+        // Ids are one namespace, so that the id is in use cannot be hidden without
+        // redesigning them; everything else about the other request is.
+        InsertOutcome::Existing(_) => {
             return Err(Problem::new(
                 StatusCode::CONFLICT,
                 kind::ID_TAKEN,
                 "Request id taken",
-                format!(
-                    "`{}` is already used; choose another request_id",
-                    request.id
-                ),
+                "this request_id is already used; choose another, such as a random UUID, \
+                 or leave it out to have one generated",
             )
             .with_field("request_id"));
         }
@@ -273,22 +315,23 @@ pub(crate) async fn submit(
     responses(
         (status = 200, description = "The request", body = RequestView),
         (status = 401, description = "No valid credentials",
-            body = Problem, content_type = "application/problem+json"),
+            body = Problem, content_type = "application/problem+json",
+            headers(("WWW-Authenticate" = String, description = "A `Bearer` challenge"))),
         (status = 404, description = "No such request visible to the caller",
             body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "The store cannot be reached",
-            body = Problem, content_type = "application/problem+json"),
+            body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u32, description = "Seconds to wait before trying again"))),
     ),
     security(("bearer" = []))
 )]
 pub(crate) async fn status(
     State(api): Shared,
+    Caller(principal): Caller,
     uri: OriginalUri,
-    headers: HeaderMap,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<RequestView>, Problem> {
-    let principal = api.authenticate(&headers).await?;
-    let request = api.visible_request(&principal, &id).await?;
+    let request = api.visible_request(&principal, &path_id(id)?).await?;
     Ok(Json(RequestView::new(&request, &collection(&uri))))
 }
 
@@ -304,7 +347,8 @@ pub(crate) async fn status(
     responses(
         (status = 200, description = "The results", body = ResultsView),
         (status = 401, description = "No valid credentials",
-            body = Problem, content_type = "application/problem+json"),
+            body = Problem, content_type = "application/problem+json",
+            headers(("WWW-Authenticate" = String, description = "A `Bearer` challenge"))),
         (status = 404, description = "No such request visible to the caller",
             body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "No results: not completed yet (`results-not-ready`, \
@@ -312,17 +356,17 @@ pub(crate) async fn status(
             (`request-cancelled`)",
             body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "The store cannot be reached",
-            body = Problem, content_type = "application/problem+json"),
+            body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u32, description = "Seconds to wait before trying again"))),
     ),
     security(("bearer" = []))
 )]
 pub(crate) async fn results(
     State(api): Shared,
-    headers: HeaderMap,
-    Path(id): Path<String>,
+    Caller(principal): Caller,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<ResultsView>, Problem> {
-    let principal = api.authenticate(&headers).await?;
-    let request = api.visible_request(&principal, &id).await?;
+    let request = api.visible_request(&principal, &path_id(id)?).await?;
     match (request.status, request.results.clone()) {
         (RequestStatus::Completed, Some(results)) => Ok(Json(ResultsView::new(&request, results))),
         (status, _) => Err(problem::results_unavailable(
@@ -342,23 +386,25 @@ pub(crate) async fn results(
     responses(
         (status = 200, description = "Cancelled", body = CancelledView),
         (status = 401, description = "No valid credentials",
-            body = Problem, content_type = "application/problem+json"),
+            body = Problem, content_type = "application/problem+json",
+            headers(("WWW-Authenticate" = String, description = "A `Bearer` challenge"))),
         (status = 404, description = "No such request visible to the caller",
             body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The request has already finished; `request_status` says how",
             body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "The store cannot be reached",
-            body = Problem, content_type = "application/problem+json"),
+            body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u32, description = "Seconds to wait before trying again"))),
     ),
     security(("bearer" = []))
 )]
 pub(crate) async fn cancel(
     State(api): Shared,
+    Caller(principal): Caller,
     uri: OriginalUri,
-    headers: HeaderMap,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<CancelledView>, Problem> {
-    let principal = api.authenticate(&headers).await?;
+    let id = path_id(id)?;
     let request = api.visible_request(&principal, &id).await?;
     match api.orchestrator.cancel(&request.id).await? {
         CancelOutcome::Cancelled { previous } => Ok(Json(CancelledView {
@@ -382,24 +428,30 @@ pub(crate) async fn cancel(
     }
 }
 
-/// Filters and paging of a listing.
+/// Filters and paging of a listing. Each parameter may be given once; an empty value
+/// (`?status=`) is the same as leaving the parameter out, as HTML forms send unset fields.
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub(crate) struct ListParams {
     /// Only requests in this status (`PENDING`, `PROCESSING`, `EXECUTING`, `COMPLETED`,
-    /// `FAILED` or `CANCELLED`; any case).
-    #[param(value_type = Option<RequestStatus>)]
+    /// `FAILED` or `CANCELLED`; any case). Empty: any status.
+    #[param(value_type = Option<String>)]
     status: Option<String>,
-    /// Only requests of this project.
+    /// Only requests of this project. Empty: every project the caller may see.
     project_id: Option<String>,
-    /// Only requests of this type.
+    /// Only requests of this type. Empty: any type.
     request_type: Option<String>,
-    /// Continue after this position: a previous page's `next_cursor`.
+    /// Continue after this position: a previous page's `next_cursor`. Empty: the first page.
     cursor: Option<String>,
-    /// Page size, 1 to 100 (20 when left out).
+    /// Page size, 1 to 100 (20 when left out or empty).
     #[param(value_type = Option<u32>, minimum = 1, maximum = 100)]
     limit: Option<String>,
+}
+
+/// A query value, with an empty one taken as left out.
+fn given(value: &Option<String>) -> Option<&str> {
+    value.as_deref().filter(|v| !v.is_empty())
 }
 
 impl ListParams {
@@ -407,19 +459,19 @@ impl ListParams {
     #[allow(clippy::result_large_err)] // as for `read_submission`
     fn filter(&self, principal: &Principal, api: &ApiState) -> Result<ListFilter, Problem> {
         let mut filter = ListFilter::new().visible_to(principal.visibility());
-        if let Some(status) = self.status.as_deref() {
+        if let Some(status) = given(&self.status) {
             filter = filter.with_status(status.parse()?);
         }
-        if let Some(project_id) = &self.project_id {
-            filter = filter.with_project(project_id.clone());
+        if let Some(project_id) = given(&self.project_id) {
+            filter = filter.with_project(project_id);
         }
-        if let Some(request_type) = &self.request_type {
-            filter = filter.with_request_type(RequestType::new(request_type.clone())?);
+        if let Some(request_type) = given(&self.request_type) {
+            filter = filter.with_request_type(RequestType::new(request_type)?);
         }
-        if let Some(cursor) = self.cursor.as_deref() {
+        if let Some(cursor) = given(&self.cursor) {
             filter = filter.after(cursor.parse::<ListCursor>()?);
         }
-        let limit = match self.limit.as_deref() {
+        let limit = match given(&self.limit) {
             None => api.default_page_size,
             Some(text) => text
                 .parse::<usize>()
@@ -429,8 +481,9 @@ impl ListParams {
                     Problem::invalid(
                         "limit",
                         format!(
-                            "must be a whole number from 1 to {}, got `{text}`",
-                            api.max_page_size
+                            "must be a whole number from 1 to {}, got `{}`",
+                            api.max_page_size,
+                            problem::echo(text)
                         ),
                     )
                 })?,
@@ -441,10 +494,10 @@ impl ListParams {
     /// The query string of the page after `cursor`, with the same filters.
     fn next_query(&self, cursor: &str) -> String {
         let pairs = [
-            ("status", self.status.as_deref()),
-            ("project_id", self.project_id.as_deref()),
-            ("request_type", self.request_type.as_deref()),
-            ("limit", self.limit.as_deref()),
+            ("status", given(&self.status)),
+            ("project_id", given(&self.project_id)),
+            ("request_type", given(&self.request_type)),
+            ("limit", given(&self.limit)),
             ("cursor", Some(cursor)),
         ];
         pairs
@@ -452,6 +505,24 @@ impl ListParams {
             .filter_map(|(name, value)| value.map(|v| format!("{name}={}", encode(v))))
             .collect::<Vec<_>>()
             .join("&")
+    }
+}
+
+/// The problem for a query string that does not read as [`ListParams`], from the text of
+/// axum's rejection (serde's message names an unknown or repeated field between backticks).
+fn query_problem(rejection: &str) -> Problem {
+    let named = |marker: &str| {
+        rejection
+            .split_once(marker)
+            .and_then(|(_, rest)| rest.split('`').next())
+            .map(|name| problem::echo(name).into_owned())
+    };
+    if let Some(field) = named("unknown field `") {
+        Problem::invalid(field, "is not a query parameter of this listing")
+    } else if let Some(field) = named("duplicate field `") {
+        Problem::invalid(field, "is given more than once; give each parameter once")
+    } else {
+        Problem::invalid("query", "could not be read as this listing's parameters")
     }
 }
 
@@ -471,8 +542,9 @@ fn encode(value: &str) -> String {
 /// The requests the caller may see, newest first, a page at a time.
 ///
 /// The caller sees the requests they submitted and every request of their projects;
-/// the filters narrow that down. Follow `next` (or pass `next_cursor` as `cursor`) until
-/// it is absent.
+/// the filters narrow that down. Each parameter may be given once; an empty value is the
+/// same as leaving it out. Follow `next` (or pass `next_cursor` as `cursor`) until it is
+/// `null`.
 #[utoipa::path(
     get,
     path = "/market-intelligence/requests",
@@ -481,30 +553,24 @@ fn encode(value: &str) -> String {
     responses(
         (status = 200, description = "One page", body = PageView),
         (status = 401, description = "No valid credentials",
-            body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "A query parameter is not accepted; `field` names it",
+            body = Problem, content_type = "application/problem+json",
+            headers(("WWW-Authenticate" = String, description = "A `Bearer` challenge"))),
+        (status = 422, description = "A query parameter is unknown, repeated or not \
+            accepted; `field` names it",
             body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "The store cannot be reached",
-            body = Problem, content_type = "application/problem+json"),
+            body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u32, description = "Seconds to wait before trying again"))),
     ),
     security(("bearer" = []))
 )]
 pub(crate) async fn list(
     State(api): Shared,
+    Caller(principal): Caller,
     uri: OriginalUri,
-    headers: HeaderMap,
     params: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Json<PageView>, Problem> {
-    let principal = api.authenticate(&headers).await?;
-    let Query(params) = params.map_err(|rejection| {
-        let detail = rejection.body_text();
-        let field = detail
-            .split_once("unknown field `")
-            .and_then(|(_, rest)| rest.split('`').next())
-            .unwrap_or("query")
-            .to_owned();
-        Problem::invalid(field, "is not a query parameter of this listing")
-    })?;
+    let Query(params) = params.map_err(|rejection| query_problem(&rejection.body_text()))?;
     let filter = params.filter(&principal, &api)?;
 
     let page = api.orchestrator.list(&filter).await?;
@@ -542,7 +608,8 @@ pub(crate) async fn health() -> Json<HealthView> {
     responses(
         (status = 200, description = "Ready to take requests", body = HealthView),
         (status = 503, description = "The store cannot be reached",
-            body = Problem, content_type = "application/problem+json"),
+            body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u32, description = "Seconds to wait before trying again"))),
     )
 )]
 pub(crate) async fn ready(State(api): Shared) -> Result<Json<HealthView>, Problem> {
@@ -568,8 +635,10 @@ pub(crate) async fn ready(State(api): Shared) -> Result<Json<HealthView>, Proble
     )
 )]
 pub(crate) async fn metrics(State(api): Shared) -> Result<Response, Problem> {
+    // Waiting will not install a recorder, so no `Retry-After`.
     let handle = api.metrics.as_ref().ok_or_else(|| {
         Problem::unavailable("metrics are not exported by this server's recorder")
+            .without_retry_after()
     })?;
     let text = super::metrics::scrape(handle, &api.orchestrator).await;
     Ok((
@@ -599,7 +668,7 @@ pub(crate) async fn no_route(uri: OriginalUri) -> Problem {
         StatusCode::NOT_FOUND,
         kind::NO_ROUTE,
         "No such route",
-        format!("nothing is served at `{}`", uri.path()),
+        format!("nothing is served at `{}`", problem::echo(uri.path())),
     )
 }
 
