@@ -775,6 +775,15 @@ async fn operational_routes_answer_and_readiness_follows_the_store() {
     for reply in [&ready, &status] {
         assert_eq!(reply.headers["retry-after"], "5", "{:?}", reply.headers);
     }
+    // The documented schema and header of a 503 fit what was answered.
+    let doc = serde_json::to_value(root_orchestrator::http::openapi()).unwrap();
+    let documented = &doc["paths"]["/ready"]["get"]["responses"]["503"];
+    assert!(
+        documented["headers"]["Retry-After"].is_object(),
+        "{documented}"
+    );
+    let schema = &documented["content"]["application/problem+json"]["schema"];
+    http_support::schema::check(&doc, schema, &ready.json).unwrap();
     server.stop().await;
 }
 
@@ -865,6 +874,23 @@ async fn the_openapi_document_covers_every_route_with_the_answers_it_gives() {
                     .any(|m| m.split(';').next() == Some(content_type.as_str())),
                 "{method} {path} {code}: {content_type} not in {media:?}"
             );
+            // The body fits its documented schema, and documented headers are sent.
+            if content_type.ends_with("json") {
+                let schema = &responses[&code]["content"][&content_type]["schema"];
+                if let Err(mismatch) = http_support::schema::check(&doc, schema, &reply.json) {
+                    panic!("{method} {path} {code}: {mismatch}\n{}", reply.text);
+                }
+            }
+            if let Some(headers) = responses[&code]["headers"].as_object() {
+                for header in headers.keys() {
+                    assert!(
+                        reply
+                            .headers
+                            .contains_key(header.to_ascii_lowercase().as_str()),
+                        "{method} {path} {code}: no {header}"
+                    );
+                }
+            }
         }
     }
 
@@ -1083,5 +1109,114 @@ async fn listing_takes_empty_values_as_left_out_and_names_a_repeated_parameter()
             reply.text
         );
     }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_schema_and_the_server_agree_on_what_a_submit_accepts() {
+    let server = Server::memory_without_workers().await;
+    let doc = serde_json::to_value(root_orchestrator::http::openapi()).unwrap();
+    let schema =
+        &doc["paths"][COLLECTION]["post"]["requestBody"]["content"]["application/json"]["schema"];
+    let valid = body("glp1", json!({}));
+
+    let mut many = valid.clone();
+    many["configuration"]["keywords"] = json!(vec!["k"; 100]);
+    let mut cases: Vec<(&str, Value)> = vec![
+        ("valid", valid.clone()),
+        ("many keywords", many.clone()),
+        (
+            "an array",
+            json!([null, "glp1", "alice", INTEL, "high", valid["configuration"]]),
+        ),
+        ("a string", json!("text")),
+    ];
+    many["configuration"]["keywords"] = json!(vec!["k"; 101]);
+    cases.push(("too many keywords", many));
+    for (pointer, value) in [
+        ("/request_id", Value::Null),
+        ("/request_id", json!("x".repeat(128))),
+        ("/request_id", json!("x".repeat(129))),
+        ("/request_id", json!("..")),
+        ("/request_id", json!("has/slash")),
+        ("/request_id", json!("a:b.c_d-1")),
+        ("/user_id", Value::Null),
+        ("/user_id", json!("alice")),
+        ("/priority", Value::Null),
+        ("/priority", json!("HIGH")),
+        ("/priority", json!("Low")),
+        ("/priority", json!("hIGH")),
+        ("/metadata", Value::Null),
+        (
+            "/metadata",
+            json!({"submitted_at": "2026-01-01T00:00:00Z", "max_retries": 99}),
+        ),
+        (
+            "/metadata",
+            json!({"submitted_at": "2026-01-01T00:00:00Z", "max_retries": 100}),
+        ),
+        (
+            "/metadata",
+            json!({"submitted_at": "2026-01-01T00:00:00Z", "retry_count": null}),
+        ),
+        (
+            "/metadata",
+            json!({"submitted_at": "2026-01-01T00:00:00Z", "note": "other"}),
+        ),
+        ("/metadata", json!({"submitted_at": "yesterday"})),
+        ("/unknown", json!(1)),
+        ("/configuration/extraction_mode", Value::Null),
+        ("/configuration/extraction_mode", json!("summary")),
+        ("/configuration/quality_threshold", Value::Null),
+        ("/configuration/quality_threshold", json!(1)),
+        ("/configuration/quality_threshold", json!(1.01)),
+        ("/configuration/custom_params", Value::Null),
+        ("/configuration/custom_params", json!([])),
+        ("/configuration/unknown", json!(1)),
+        ("/configuration/keywords", json!([])),
+        ("/configuration/keywords", json!(["k".repeat(257)])),
+        ("/configuration/sources", json!([])),
+        (
+            "/configuration/sources",
+            json!([{"name": "FDA", "type": "r", "url": "x"}]),
+        ),
+        ("/configuration/sources", json!([{"name": "FDA"}])),
+    ] {
+        cases.push(("", with(&valid, pointer, value)));
+    }
+
+    for (i, (name, body)) in cases.into_iter().enumerate() {
+        let mut body = body;
+        // A fresh id per accepted case, unless the case is about the id.
+        if let Some(fields) = body.as_object_mut()
+            && !fields.contains_key("request_id")
+        {
+            fields.insert("request_id".into(), json!(format!("agree-{i}")));
+        }
+        let documented = http_support::schema::check(&doc, schema, &body);
+        let reply = server.post(COLLECTION, ALICE, &body).await;
+        let accepted = reply.status == StatusCode::ACCEPTED;
+        assert_eq!(
+            documented.is_ok(),
+            accepted,
+            "{name} {body}: the schema says {documented:?}, the server {}",
+            reply.text
+        );
+        if !accepted {
+            assert_eq!(
+                reply.status,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "{}",
+                reply.text
+            );
+        }
+    }
+
+    // The seed request of the README fits the schema too.
+    let seed: Value = serde_json::from_str(include_str!(
+        "../examples/requests/semaglutide_intelligence.json"
+    ))
+    .unwrap();
+    http_support::schema::check(&doc, schema, &seed).unwrap();
     server.stop().await;
 }

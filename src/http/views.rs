@@ -227,9 +227,9 @@ pub(crate) struct CancelledView {
 pub(crate) struct PageView {
     /// The requests on this page.
     pub requests: Vec<RequestView>,
-    /// Pass as `cursor` to get the next page; absent on the last page.
+    /// Pass as `cursor` to get the next page; `null` on the last page.
     pub next_cursor: Option<String>,
-    /// The next page's URL, with the same filters; absent on the last page.
+    /// The next page's URL, with the same filters; `null` on the last page.
     pub next: Option<String>,
 }
 

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod schema;
+
 use std::time::Duration;
 
 use async_trait::async_trait;
