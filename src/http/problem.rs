@@ -270,6 +270,11 @@ impl From<Error> for Problem {
             Error::ResultsUnavailable { request_id, status } => {
                 results_unavailable(&request_id, status, Vec::new())
             }
+            // The request would not fit in a queue message: its content is the problem.
+            Error::MessageTooLarge { size, limit } => Problem::invalid(
+                "configuration",
+                format!("makes a queue message of {size} bytes; the queue accepts at most {limit}"),
+            ),
             err if err.is_transient() => {
                 tracing::warn!(error = %chain(&err), "store unavailable");
                 Problem::unavailable("the request store cannot be reached; try again shortly")
@@ -391,6 +396,13 @@ mod tests {
             (
                 Error::store("get", std::io::Error::other("connection reset")),
                 503,
+            ),
+            (
+                Error::MessageTooLarge {
+                    size: 2_000_000,
+                    limit: 1_048_576,
+                },
+                422,
             ),
             (Error::Incomplete { what: "a strategy" }, 500),
         ];
