@@ -55,6 +55,7 @@ pub trait ProcessingStrategy: Send + Sync + 'static {
 
 /// A worker identity unique to this process and strategy instance: restarts of the same
 /// host never reuse one, so a restarted worker cannot mistake an old lease for its own.
+#[cfg_attr(not(any(feature = "table", feature = "queue")), allow(dead_code))]
 pub(crate) fn worker_id(strategy: &str) -> String {
     let nonce = uuid::Uuid::new_v4().simple().to_string();
     format!("{strategy}-{}-{}", std::process::id(), &nonce[..12])
