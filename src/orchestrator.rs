@@ -240,15 +240,16 @@ impl RootOrchestrator {
         self.strategy.run(self.executors.clone(), token).await
     }
 
-    /// Whether the store answers, within [`READY_TIMEOUT`](Self::READY_TIMEOUT): readiness
-    /// probes have short deadlines of their own, so a slow answer counts as none.
+    /// Whether the strategy's store (and queue, where it has one) answers, within
+    /// [`READY_TIMEOUT`](Self::READY_TIMEOUT): readiness probes have short deadlines of
+    /// their own, so a slow answer counts as none.
     ///
     /// # Errors
     ///
     /// The store's error when it cannot be reached, or [`Error::Store`] for `ping` when it
     /// does not answer in time.
     pub async fn ready(&self) -> Result<()> {
-        match tokio::time::timeout(Self::READY_TIMEOUT, self.strategy.store().ping()).await {
+        match tokio::time::timeout(Self::READY_TIMEOUT, self.strategy.ready()).await {
             Ok(answer) => answer,
             Err(_) => Err(Error::store(
                 "ping",

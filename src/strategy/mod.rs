@@ -44,6 +44,12 @@ pub trait ProcessingStrategy: Send + Sync + 'static {
     /// whatever it returns is discarded.
     async fn cancel(&self, id: &RequestId) -> Result<CancelOutcome>;
 
+    /// Succeeds when everything the strategy depends on answers: its store, and its queue
+    /// where it has one. The default checks the store.
+    async fn ready(&self) -> Result<()> {
+        self.store().ping().await
+    }
+
     /// Runs the workers until `shutdown` is cancelled, then shuts down gracefully: no new
     /// work is taken, running requests get a grace period, the rest are handed back.
     async fn run(
