@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::{
     MAX_BATCH_SIZE, MAX_DELAY, MAX_MESSAGE_BYTES, MAX_VISIBILITY_TIMEOUT, MAX_WAIT_TIME,
-    QueueBackend, QueueDepth, ReceivedMessage, check_size,
+    QueueBackend, QueueDepth, ReceivedMessage, check_size, with_request_id,
 };
 use crate::error::{Error, Result};
 
@@ -21,7 +21,8 @@ use crate::error::{Error, Result};
 pub struct DeadLetter {
     /// The id the message had in the queue.
     pub message_id: String,
-    /// Its body, unchanged.
+    /// Its body, unchanged, except that a request message without a `request_id` gets the
+    /// message id as its `request_id`: the request it was delivered as stays the same.
     pub body: String,
     /// Why it was dead-lettered.
     pub reason: String,
@@ -340,6 +341,8 @@ impl QueueBackend for MemoryQueue {
             Some(stored) => (stored.body, stored.receive_count),
             None => (message.body.clone(), message.receive_count),
         };
+        let limit = self.shared.max_message_bytes;
+        let body = with_request_id(&body, &message.message_id, limit).unwrap_or(body);
         state.dead.push_back(DeadLetter {
             message_id: message.message_id.clone(),
             body,
@@ -355,8 +358,14 @@ impl QueueBackend for MemoryQueue {
             let n = max_messages.min(state.dead.len());
             state.dead.drain(..n).collect()
         };
+        let limit = self.shared.max_message_bytes;
         for letter in &moved {
-            self.push(letter.body.clone(), Duration::ZERO);
+            // The redriven copy gets a new message id; the request stays the one named by
+            // the dead-lettered message's id (a queue's own receive limit moves a message
+            // unchanged).
+            let body = with_request_id(&letter.body, &letter.message_id, limit)
+                .unwrap_or_else(|| letter.body.clone());
+            self.push(body, Duration::ZERO);
         }
         Ok(moved.len())
     }

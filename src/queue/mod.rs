@@ -215,7 +215,11 @@ pub trait QueueBackend: Send + Sync + 'static {
         Ok(results)
     }
 
-    /// Moves a delivered message to the dead-letter queue, body unchanged, noting `reason`.
+    /// Moves a delivered message to the dead-letter queue, noting `reason`.
+    ///
+    /// The body is unchanged, except that a request message without a `request_id` gets the
+    /// message id as its `request_id`: consumers name such a request by the message id,
+    /// and a copy of the message has a new one.
     ///
     /// # Errors
     ///
@@ -223,8 +227,11 @@ pub trait QueueBackend: Send + Sync + 'static {
     /// stays where it was and comes back after its visibility timeout.
     async fn dead_letter(&self, message: &ReceivedMessage, reason: &str) -> Result<()>;
 
-    /// Moves up to `max_messages` messages from the dead-letter queue back to the queue,
-    /// bodies unchanged; returns how many were moved.
+    /// Moves up to `max_messages` messages from the dead-letter queue back to the queue;
+    /// returns how many were moved.
+    ///
+    /// Bodies are unchanged, except that a request message without a `request_id` gets the id
+    /// the message had before it was dead-lettered, as in [`dead_letter`](Self::dead_letter).
     ///
     /// # Errors
     ///
@@ -257,4 +264,57 @@ pub(crate) fn check_size(body: &str, limit: usize) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// `body` with `"request_id": message_id` added when it is a request message
+/// ([`RequestMessage`](crate::RequestMessage)) without a `request_id`, and the result still
+/// fits in `limit` bytes; otherwise `None`, and the body is to be kept as it is.
+///
+/// A consumer names a request without a `request_id` by the message's id; a copy of the
+/// message (dead-lettered, then redriven) has a new id and would make a second request,
+/// so the copy carries the id it was known by in its body.
+#[cfg(feature = "queue")]
+pub(crate) fn with_request_id(body: &str, message_id: &str, limit: usize) -> Option<String> {
+    // Only request messages are touched: any other body never made a request, and stays
+    // byte-identical for whoever inspects the dead-letter queue.
+    let message = crate::model::RequestMessage::from_json(body).ok()?;
+    if message.request_id.is_some() {
+        return None;
+    }
+    let serde_json::Value::Object(mut object) = serde_json::from_str(body).ok()? else {
+        return None;
+    };
+    object.insert(
+        "request_id".to_owned(),
+        serde_json::Value::String(message_id.to_owned()),
+    );
+    let stamped = serde_json::to_string(&object).ok()?;
+    (stamped.len() <= limit).then_some(stamped)
+}
+
+#[cfg(all(test, feature = "queue"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_request_messages_without_a_request_id_get_one() {
+        let message = r#"{"project_id": "p", "user_id": "u", "request_type": "t",
+                          "configuration": {"keywords": ["x"]}}"#;
+        let stamped = with_request_id(message, "m-1", 1024).unwrap();
+        let value: serde_json::Value = serde_json::from_str(&stamped).unwrap();
+        assert_eq!(value["request_id"], "m-1");
+        assert_eq!(value["project_id"], "p");
+        let null = message.replacen('{', r#"{"request_id": null, "#, 1);
+        let null = with_request_id(&null, "m-1", 1024).unwrap();
+        assert!(null.contains(r#""request_id":"m-1""#), "{null}");
+        let named = message.replacen('{', r#"{"request_id": "r", "#, 1);
+        assert_eq!(with_request_id(&named, "m-1", 1024), None);
+        assert_eq!(with_request_id("not JSON {", "m-1", 1024), None);
+        assert_eq!(
+            with_request_id(r#"{"not": "a request"}"#, "m-1", 1024),
+            None
+        );
+        // Too large once stamped: kept as it is.
+        assert_eq!(with_request_id(message, "m-1", 64), None);
+    }
 }

@@ -17,7 +17,7 @@ use aws_sdk_sqs::types::{
 
 use super::{
     MAX_BATCH_SIZE, MAX_DELAY, MAX_MESSAGE_BYTES, MAX_VISIBILITY_TIMEOUT, MAX_WAIT_TIME,
-    OutgoingMessage, QueueBackend, QueueDepth, ReceivedMessage, check_size,
+    OutgoingMessage, QueueBackend, QueueDepth, ReceivedMessage, check_size, with_request_id,
 };
 use crate::error::{Error, Result};
 
@@ -171,9 +171,11 @@ impl SqsQueueBuilder {
 ///   `AWS_ENDPOINT_URL_SQS` (or `AWS_ENDPOINT_URL`) points the client at another server.
 /// - The queue is given by URL or by name. Its dead-letter queue is the one given, or the
 ///   target of the queue's redrive policy.
-/// - Dead-lettering sends the message, body unchanged, to the dead-letter queue with the
-///   attributes `dead_letter_reason`, `source_message_id` and `receive_count`, then
-///   deletes it from the queue.
+/// - Dead-lettering sends the message to the dead-letter queue with the attributes
+///   `dead_letter_reason`, `source_message_id` and `receive_count`, then deletes it from
+///   the queue. The body is unchanged, except that a request message without a `request_id`
+///   gets the message id as its `request_id`, as a redriven copy does: a copy has a new
+///   message id, and must still name the request its original was delivered as.
 /// - Message sizes are checked before sending, in UTF-8 bytes, against the smaller of the
 ///   two queues' `MaximumMessageSize` (at most 1 MiB).
 /// - Every HTTP attempt has a timeout (a receive's long-poll wait plus
@@ -558,8 +560,12 @@ impl QueueBackend for SqsQueue {
             .map(|(name, kind, value)| name.len() + kind.len() + value.len())
             .sum();
         let limit = self.inner.max_message_bytes;
-        check_size(&message.body, limit)?;
-        let keep_attributes = message.body.len() + attribute_bytes <= limit;
+        // The copy has a new message id: a body that named its request by the message id
+        // names it in the body from now on, so that a redrive does not make a new request.
+        let body = with_request_id(&message.body, &message.message_id, limit)
+            .unwrap_or_else(|| message.body.clone());
+        check_size(&body, limit)?;
+        let keep_attributes = body.len() + attribute_bytes <= limit;
         if !keep_attributes {
             tracing::warn!(
                 message_id = %message.message_id,
@@ -573,7 +579,7 @@ impl QueueBackend for SqsQueue {
             .client
             .send_message()
             .queue_url(dead_letter_url)
-            .message_body(&message.body);
+            .message_body(body);
         if keep_attributes {
             for (name, kind, value) in attributes {
                 let value = MessageAttributeValue::builder()
@@ -614,13 +620,30 @@ impl QueueBackend for SqsQueue {
                 .max_number_of_messages(want)
                 .wait_time_seconds(0)
                 .visibility_timeout(whole_seconds(REDRIVE_VISIBILITY, MAX_VISIBILITY_TIMEOUT))
+                .message_attribute_names(SOURCE_ID_ATTRIBUTE)
                 .send()
                 .await
                 .map_err(|e| sdk_error("redrive_dead_letters", dead_letter_url, e))?;
+            let limit = self.inner.max_message_bytes;
             let letters: Vec<(String, String)> = output
                 .messages()
                 .iter()
-                .filter_map(|m| Some((m.body()?.to_owned(), m.receipt_handle()?.to_owned())))
+                .filter_map(|m| {
+                    let body = m.body()?;
+                    // The copy sent back gets a new message id: a body that named its
+                    // request by a message id keeps naming that request. The id is the
+                    // one the consumer knew (dead-lettered by it), or the message's own
+                    // (moved unchanged by the queue's redrive policy).
+                    let known_as = m
+                        .message_attributes()
+                        .and_then(|a| a.get(SOURCE_ID_ATTRIBUTE))
+                        .and_then(|v| v.string_value())
+                        .or(m.message_id());
+                    let body = known_as
+                        .and_then(|id| with_request_id(body, id, limit))
+                        .unwrap_or_else(|| body.to_owned());
+                    Some((body, m.receipt_handle()?.to_owned()))
+                })
                 .collect();
             if letters.is_empty() {
                 break;

@@ -72,7 +72,10 @@ pub struct ReconcileReport {
 /// 1. parses and validates it; a body that is not a request message, has a bad field, or
 ///    names a request type with no executor is dead-lettered at once with the reason;
 /// 2. finds the request by `request_id` (a message without one uses its message id), or
-///    stores it from the message: messages from other producers run like the library's;
+///    stores it from the message: messages from other producers run like the library's. A
+///    message whose request is not stored and whose `metadata.submitted_at` is older than
+///    [`QueueConfig::cleanup_completed_after`] is dead-lettered instead: its request may
+///    have finished and been pruned;
 /// 3. deletes the message if the request is already finished; claims it
 ///    ([`RequestStore::claim_request`]) if it is `PENDING` (putting it back for later if
 ///    its scheduled retry is not due); deletes it as a duplicate if another message's
@@ -897,14 +900,17 @@ impl Inner {
             receive_count = message.receive_count,
         );
         async {
-            let new_request = match parse(&message, &executors) {
-                Ok(request) => request,
+            let (new_request, submitted_at) = match parse(&message, &executors) {
+                Ok(parsed) => parsed,
                 Err((reason, kind)) => {
                     self.dead_letter(&message, &reason, kind).await;
                     return;
                 }
             };
-            let Some(request) = self.find_or_insert(new_request).await else {
+            let Some(request) = self
+                .find_or_insert(new_request, submitted_at, &message)
+                .await
+            else {
                 return;
             };
             self.dispatch(executors, request, message, hand_back).await;
@@ -913,12 +919,32 @@ impl Inner {
         .await
     }
 
-    /// The request a message names, stored from the message when it is new.
-    async fn find_or_insert(&self, new_request: NewRequest) -> Option<Request> {
+    /// The request a message names, stored from the message when it is new. A message
+    /// submitted longer than `cleanup_completed_after` ago whose request is not stored is
+    /// dead-lettered instead: its request may have finished and been pruned since, and
+    /// storing it again would run it a second time.
+    async fn find_or_insert(
+        &self,
+        new_request: NewRequest,
+        submitted_at: Option<DateTime<Utc>>,
+        message: &ReceivedMessage,
+    ) -> Option<Request> {
         let id = new_request.request_id.clone()?;
         match self.store.get(&id).await {
             Ok(Some(request)) => return Some(request),
-            Ok(None) => {}
+            Ok(None) => {
+                let prunable = after_now(-signed(self.config.cleanup_completed_after));
+                if let Some(at) = submitted_at.filter(|at| *at < prunable) {
+                    let reason = format!(
+                        "request {id} is not stored and was submitted at {}, longer than \
+                         cleanup_completed_after ago: it may have finished and been pruned, \
+                         so it is not run again",
+                        at.to_rfc3339()
+                    );
+                    self.dead_letter(message, &reason, "expired").await;
+                    return None;
+                }
+            }
             Err(err) => {
                 // The message comes back after its visibility timeout.
                 tracing::warn!(
@@ -1285,18 +1311,21 @@ impl Inner {
     }
 }
 
-/// Parses and validates a delivery; the error is the dead-letter reason and its kind.
+/// Parses and validates a delivery, into the request and when it was submitted (from the
+/// message's metadata); the error is the dead-letter reason and its kind.
 fn parse(
     message: &ReceivedMessage,
     executors: &ExecutorRegistry,
-) -> std::result::Result<NewRequest, (String, &'static str)> {
+) -> std::result::Result<(NewRequest, Option<DateTime<Utc>>), (String, &'static str)> {
     let mut wire = RequestMessage::from_json(&message.body)
         .map_err(|err| (format!("not a request message: {err}"), "invalid"))?;
     if wire.request_id.is_none() {
         // The message id is the same on every delivery, so a redelivery cannot make a
-        // second request.
+        // second request; the copies that dead-lettering and redriving make carry it in
+        // their body (`queue::with_request_id`).
         wire.request_id = Some(message.message_id.clone());
     }
+    let submitted_at = wire.metadata.as_ref().map(|m| m.submitted_at);
     let request = wire
         .into_new_request()
         .map_err(|err| (err.to_string(), "invalid"))?;
@@ -1309,7 +1338,7 @@ fn parse(
             "unknown_type",
         ));
     }
-    Ok(request)
+    Ok((request, submitted_at))
 }
 
 /// The dead-letter reason of a failed request: its attempts and last error.

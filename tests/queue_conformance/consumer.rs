@@ -34,6 +34,8 @@ macro_rules! consumer_suite {
             shutdown_hands_back_what_is_still_running,
             messages_from_other_producers_are_stored_and_run,
             a_delivery_of_a_finished_request_is_deleted_without_running,
+            a_redriven_message_without_request_id_is_not_run_again,
+            a_late_message_whose_request_may_be_pruned_is_dead_lettered,
         );
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {
@@ -112,8 +114,18 @@ pub fn new_request(keyword: &str) -> NewRequest {
     )
 }
 
-/// A request in the wire shape, as another producer would send it.
+/// A request in the wire shape, as another producer would send it, submitted just now.
 pub fn wire(id: &str, keyword: &str, max_retries: u32) -> String {
+    wire_submitted(id, keyword, max_retries, chrono::Utc::now())
+}
+
+/// A request in the wire shape, submitted `at`.
+pub fn wire_submitted(
+    id: &str,
+    keyword: &str,
+    max_retries: u32,
+    at: chrono::DateTime<chrono::Utc>,
+) -> String {
     serde_json::json!({
         "request_id": id,
         "project_id": "glp1-market-watch",
@@ -128,7 +140,7 @@ pub fn wire(id: &str, keyword: &str, max_retries: u32) -> String {
             "custom_params": {}
         },
         "metadata": {
-            "submitted_at": "2026-01-15T09:00:00Z",
+            "submitted_at": at.to_rfc3339(),
             "retry_count": 0,
             "max_retries": max_retries
         }
@@ -630,5 +642,96 @@ pub async fn a_delivery_of_a_finished_request_is_deleted_without_running(h: &imp
     let request = consumers.wait_terminal(&id).await;
     assert_eq!(request.attempts, 1);
     assert_eq!(queue.depth().await.unwrap().dead_lettered, 0);
+    consumers.stop().await;
+}
+
+pub async fn a_redriven_message_without_request_id_is_not_run_again(h: &impl QueueHarness) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let executor = scripted({
+        let calls = calls.clone();
+        move |_, _| {
+            let calls = calls.clone();
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err(WorkflowError::permanent("the source is gone"))
+            }
+        }
+    });
+    let queue = h.open().await;
+    let consumers = Consumers::start(queue.clone(), config(h.tick()), executor).await;
+
+    // Named by its message id: the dead-lettered copy and the redriven one get new ids.
+    let anonymous = r#"{"project_id": "p", "user_id": "u",
+        "request_type": "semaglutide_intelligence",
+        "configuration": {"keywords": ["Zepbound"],
+                          "sources": [{"name": "NEJM", "type": "academic"}]}}"#;
+    let message_id = queue.send(anonymous, Duration::ZERO).await.unwrap();
+    let failed = consumers.wait_terminal(&message_id).await;
+    assert_eq!(failed.status, RequestStatus::Failed);
+    wait_depth(&queue, |d| d.dead_lettered == 1).await;
+    let letters = h.dead_letters(&queue).await;
+    let letter: serde_json::Value = serde_json::from_str(&letters[0].body).unwrap();
+    assert_eq!(letter["request_id"], message_id.as_str());
+
+    assert_eq!(
+        consumers.strategy.redrive_dead_letters(10).await.unwrap(),
+        1
+    );
+    wait_depth(&queue, |d| {
+        d.visible + d.in_flight + d.delayed + d.dead_lettered == 0
+    })
+    .await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the job ran again");
+    let all = consumers
+        .store
+        .list(&root_orchestrator::ListFilter::new())
+        .await
+        .unwrap();
+    assert_eq!(all.requests.len(), 1, "a second request was made");
+    assert_eq!(all.requests[0].status, RequestStatus::Failed);
+    consumers.stop().await;
+}
+
+pub async fn a_late_message_whose_request_may_be_pruned_is_dead_lettered(h: &impl QueueHarness) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let queue = h.open().await;
+    let mut config = config(h.tick());
+    config.cleanup_completed_after = Duration::from_secs(60);
+    let consumers = Consumers::start(queue.clone(), config, counting(calls.clone())).await;
+
+    // Submitted an hour ago and not stored: finished and pruned, as far as anyone knows.
+    let late = unique_id("late");
+    let an_hour_ago = chrono::Utc::now() - chrono::Duration::hours(1);
+    let body = wire_submitted(&late, "Mounjaro", 3, an_hour_ago);
+    queue.send(&body, Duration::ZERO).await.unwrap();
+    wait_depth(&queue, |d| d.dead_lettered == 1).await;
+    let letters = h.dead_letters(&queue).await;
+    assert_eq!(letters[0].body, body);
+    if let Some(reason) = &letters[0].reason {
+        assert!(reason.contains("pruned"), "{reason}");
+    }
+    let late_id = RequestId::parse(&late).unwrap();
+    assert!(consumers.store.get(&late_id).await.unwrap().is_none());
+
+    // A fresh one, and one without metadata, are new requests.
+    let fresh = unique_id("fresh");
+    queue
+        .send(&wire(&fresh, "Mounjaro", 3), Duration::ZERO)
+        .await
+        .unwrap();
+    let undated = r#"{"project_id": "p", "user_id": "u",
+        "request_type": "semaglutide_intelligence",
+        "configuration": {"keywords": ["Zepbound"],
+                          "sources": [{"name": "NEJM", "type": "academic"}]}}"#;
+    let undated_id = queue.send(undated, Duration::ZERO).await.unwrap();
+    assert_eq!(
+        consumers.wait_terminal(&fresh).await.status,
+        RequestStatus::Completed
+    );
+    assert_eq!(
+        consumers.wait_terminal(&undated_id).await.status,
+        RequestStatus::Completed
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
     consumers.stop().await;
 }
