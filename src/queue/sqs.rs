@@ -99,6 +99,11 @@ impl SqsQueueBuilder {
     /// [`Error::InvalidConfig`] when no region is configured or no dead-letter queue can be
     /// found, [`Error::Queue`] when a queue does not exist or cannot be reached.
     pub async fn connect(self) -> Result<SqsQueue> {
+        // Checked before any call, so that `create_if_missing` does not create the queue
+        // as its own dead-letter queue first.
+        if let Some(dead_letter) = &self.dead_letter_queue {
+            check_distinct(&self.queue, dead_letter)?;
+        }
         let sdk_config = match self.sdk_config {
             Some(config) => config,
             None => aws_config::defaults(BehaviorVersion::latest()).load().await,
@@ -135,6 +140,8 @@ impl SqsQueueBuilder {
             Some(queue) => resolve_url(&client, queue).await?,
             None => redrive_target(&client, &queue_url).await?,
         };
+        // Given by name one way and by URL the other, or named by the redrive policy.
+        check_distinct(&queue_url, &dead_letter_url)?;
 
         let max_message_bytes = match self.max_message_bytes {
             Some(limit) => limit,
@@ -698,6 +705,38 @@ impl QueueBackend for SqsQueue {
     }
 }
 
+/// Refuses a dead-letter queue that is the queue itself: each dead-lettered message would
+/// be delivered again, fail again and be dead-lettered again, for ever.
+fn check_distinct(queue: &str, dead_letter: &str) -> Result<()> {
+    // A URL ends in `<account>/<name>`; its host may be spelt several ways (legacy
+    // endpoints), so only the name (and the account, where both are URLs) is compared.
+    let tail = |q: &str| -> (Option<String>, String) {
+        let q = q.trim_end_matches('/');
+        if !is_url(q) {
+            return (None, q.to_owned());
+        }
+        let mut parts = q.rsplit('/');
+        let name = parts.next().unwrap_or_default().to_owned();
+        (parts.next().map(str::to_owned), name)
+    };
+    let ((queue_account, queue_name), (dead_account, dead_name)) = (tail(queue), tail(dead_letter));
+    let same_account = match (queue_account, dead_account) {
+        (Some(a), Some(b)) => a == b,
+        _ => true,
+    };
+    if same_account && queue_name == dead_name {
+        return Err(Error::InvalidConfig {
+            name: "dead_letter_queue".to_owned(),
+            value: dead_letter.to_owned(),
+            expected: format!(
+                "a queue other than {queue}: messages dead-lettered into their own queue \
+                 would come back and fail for ever"
+            ),
+        });
+    }
+    Ok(())
+}
+
 fn is_url(queue: &str) -> bool {
     queue.starts_with("https://") || queue.starts_with("http://")
 }
@@ -960,6 +999,28 @@ mod tests {
         assert_eq!(whole_seconds(Duration::from_millis(1), MAX_DELAY), 1);
         assert_eq!(whole_seconds(Duration::from_millis(2_500), MAX_DELAY), 3);
         assert_eq!(whole_seconds(Duration::from_secs(5_000), MAX_DELAY), 900);
+    }
+
+    #[test]
+    fn the_queue_cannot_be_its_own_dead_letter_queue() {
+        let url = "http://127.0.0.1:5000/123456789012/jobs";
+        for (queue, dead) in [
+            ("jobs", "jobs"),
+            (url, url),
+            (url, "jobs"),
+            (
+                "jobs",
+                "https://sqs.us-east-1.amazonaws.com/123456789012/jobs/",
+            ),
+        ] {
+            let err = check_distinct(queue, dead).unwrap_err();
+            assert!(
+                matches!(err, Error::InvalidConfig { ref name, .. } if name == "dead_letter_queue"),
+                "{queue} / {dead}: {err:?}"
+            );
+        }
+        check_distinct("jobs", "jobs-dlq").unwrap();
+        check_distinct(url, "http://127.0.0.1:5000/210987654321/jobs").unwrap();
     }
 
     #[test]
