@@ -190,7 +190,30 @@ impl Error {
     }
 
     /// Whether trying the same operation again later may succeed.
+    ///
+    /// A queue error is transient unless the queue said the call can never succeed as
+    /// made: the queue does not exist, access is denied, or a parameter is refused.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Error::Store { .. } | Error::Queue { .. })
+        match self {
+            Error::Store { .. } => true,
+            Error::Queue { source, .. } => {
+                // The SQS SDK's error codes reach us as text (a backend's error is boxed).
+                let text = source.to_string();
+                !PERMANENT_QUEUE_ERRORS
+                    .iter()
+                    .any(|code| text.contains(code))
+            }
+            _ => false,
+        }
     }
 }
+
+/// SQS error codes of calls that fail the same way however often they are made.
+const PERMANENT_QUEUE_ERRORS: &[&str] = &[
+    "QueueDoesNotExist",
+    "NonExistentQueue",
+    "AccessDenied",
+    "InvalidParameterValue",
+    "InvalidMessageContents",
+    "UnsupportedOperation",
+];

@@ -28,6 +28,18 @@ struct Faulty {
     failing_sends: Arc<AtomicUsize>,
     ignore_extensions: Arc<AtomicBool>,
     deliveries: Arc<Mutex<Vec<(String, u32)>>>,
+    /// Failing sends fail as a queue that does not exist, not as a dropped connection.
+    permanent_failures: Arc<AtomicBool>,
+    /// Sends, and depth reads, wait without answering while set.
+    hang_sends: Arc<AtomicBool>,
+    hang_depth: Arc<AtomicBool>,
+}
+
+/// Waits while `flag` is set, as a server that does not answer.
+async fn hang_while(flag: &AtomicBool) {
+    while flag.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 impl Faulty {
@@ -49,8 +61,14 @@ impl QueueBackend for Faulty {
             .failing_sends
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
         if failing.is_ok() {
-            return Err(Error::queue("send", "faulty", "connection reset by peer"));
+            let problem = if self.permanent_failures.load(Ordering::SeqCst) {
+                "AWS.SimpleQueueService.NonExistentQueue (QueueDoesNotExist): no such queue"
+            } else {
+                "connection reset by peer"
+            };
+            return Err(Error::queue("send", "faulty", problem));
         }
+        hang_while(&self.hang_sends).await;
         self.inner.send(body, delay).await
     }
 
@@ -108,6 +126,7 @@ impl QueueBackend for Faulty {
     }
 
     async fn depth(&self) -> root_orchestrator::Result<QueueDepth> {
+        hang_while(&self.hang_depth).await;
         self.inner.depth().await
     }
 }
@@ -767,4 +786,70 @@ async fn batch_sends_report_each_message() {
     assert!(outcomes[2].is_ok());
     let depth = queue.depth().await.unwrap();
     assert_eq!((depth.visible, depth.delayed), (1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_submit_to_a_queue_that_does_not_answer_returns_within_seconds() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let queue = Faulty::default();
+    queue.hang_sends.store(true, Ordering::SeqCst);
+    let consumers =
+        Consumers::start(Arc::new(queue.clone()), fast(), counting(calls.clone())).await;
+
+    let started = Instant::now();
+    let submitted = tokio::time::timeout(
+        Duration::from_secs(30),
+        consumers.orchestrator.submit(new_request("silent")),
+    )
+    .await
+    .expect("submit hung on a queue that does not answer")
+    .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(submitted.status, RequestStatus::Pending);
+
+    // The outbox delivers it once the queue answers again.
+    queue.hang_sends.store(false, Ordering::SeqCst);
+    let finished = consumers.wait_terminal(submitted.id.as_str()).await;
+    assert_eq!(finished.status, RequestStatus::Completed);
+    consumers.stop().await;
+}
+
+#[tokio::test]
+async fn a_send_refused_for_good_is_not_retried_at_submit() {
+    let store = MemoryStore::new();
+    let queue = Faulty::default();
+    queue.permanent_failures.store(true, Ordering::SeqCst);
+    queue.failing_sends.store(5, Ordering::SeqCst);
+    let strategy = QueueStrategy::new(store.clone(), queue.clone(), fast()).unwrap();
+    let orchestrator = RootOrchestrator::builder()
+        .strategy(strategy)
+        .executor(TYPE, counting(Arc::default()))
+        .build()
+        .unwrap();
+
+    let submitted = orchestrator.submit(new_request("nowhere")).await.unwrap();
+    assert_eq!(submitted.status, RequestStatus::Pending);
+    // One try, then the outbox (which keeps trying: the queue may be created later).
+    assert_eq!(queue.failing_sends.load(Ordering::SeqCst), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_does_not_wait_for_a_queue_that_stopped_answering() {
+    let queue = Faulty::default();
+    queue.hang_depth.store(true, Ordering::SeqCst);
+    let mut config = fast();
+    config.shutdown_grace_period = Duration::from_secs(1);
+    let consumers =
+        Consumers::start(Arc::new(queue.clone()), config, counting(Arc::default())).await;
+    // The depth refresh runs at start and never returns.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let (took, _, _) = tokio::time::timeout(Duration::from_secs(30), consumers.stop())
+        .await
+        .expect("shutdown waited for a depth refresh that never returns");
+    assert!(took < Duration::from_secs(3), "{took:?}");
 }

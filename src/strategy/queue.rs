@@ -37,6 +37,16 @@ const EARLY_TOLERANCE: Duration = Duration::from_secs(1);
 /// outbox or to the message's visibility timeout.
 const TRIES: u32 = 3;
 
+/// Longest a submit spends sending its message, all tries together, before leaving it to
+/// the outbox: a queue that does not answer must not hold the caller for minutes (the
+/// SDK's own tries and timeouts add up to about 90 s).
+const SUBMIT_SEND_BUDGET: Duration = Duration::from_secs(3);
+
+/// Longest the queue action that settles a delivery may go on once running requests are
+/// handed back at shutdown; an action cut short leaves the message to come back after its
+/// visibility timeout, which is safe.
+const SETTLE_AFTER_HAND_BACK: Duration = Duration::from_secs(2);
+
 /// Longest pause between two attempts of the outbox to send what submit could not.
 const OUTBOX_MAX_PAUSE: Duration = Duration::from_secs(30);
 
@@ -61,9 +71,10 @@ pub struct ReconcileReport {
 ///
 /// **Submitting** stores the request as `PENDING`, then sends a message in the wire shape
 /// ([`RequestMessage`]). A message that would be too large is refused with
-/// [`Error::MessageTooLarge`] before anything is stored. A send that fails is tried twice
-/// more; after that the request is accepted anyway and an outbox keeps sending it in the
-/// background, and the reconciler (below) is the net under a process that dies first.
+/// [`Error::MessageTooLarge`] before anything is stored. A send that fails transiently is
+/// tried up to twice more, within 3 s in all; after that the request is accepted anyway and
+/// an outbox keeps sending it in the background, and the reconciler (below) is the net
+/// under a process that dies first.
 ///
 /// **Consuming**: up to [`QueueConfig::max_workers`] requests run at once. The consumer
 /// receives batches of up to 10 messages (never more than it has free workers) with long
@@ -99,9 +110,10 @@ pub struct ReconcileReport {
 /// once per `reconcile_after`; in-flight requests whose lease lapsed that long ago are
 /// rescued first. Duplicate messages are harmless: the consumer drops them.
 ///
-/// **Shutdown**: an open long poll is abandoned at once; running requests get
+/// **Shutdown**: an open long poll is abandoned at once, and so are the reconciler's, the
+/// depth refresh's and the extender's queue calls; running requests get
 /// [`QueueConfig::shutdown_grace_period`]; those still running are handed back (`PENDING`,
-/// message visible again).
+/// message visible again), their queue action cut short after 2 s more.
 ///
 /// # Examples
 ///
@@ -390,14 +402,30 @@ impl Inner {
         crate::queue::check_size(&body, self.queue.max_message_bytes())
     }
 
-    /// Sends the message of a newly stored request, trying a few times; what still fails
-    /// goes to the outbox. A message the queue can never take cancels the request.
+    /// Sends the message of a newly stored request, trying a few times within
+    /// [`SUBMIT_SEND_BUDGET`]; what still fails goes to the outbox. A message the queue can
+    /// never take cancels the request.
     async fn send_new(self: &Arc<Self>, request: &Request) -> Result<()> {
         let body = body_of(&RequestMessage::from_request(request))?;
         let delay = until(request.run_after).min(MAX_DELAY);
+        let deadline = Instant::now() + SUBMIT_SEND_BUDGET;
         let mut pause = Duration::from_millis(100);
         for attempt in 1..=TRIES {
-            match self.queue.send(&body, delay).await {
+            // A send cut short may still have arrived: the outbox's copy is then a
+            // duplicate, which consumers drop.
+            let sent = tokio::time::timeout_at(deadline, self.queue.send(&body, delay))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::queue(
+                        "send",
+                        "queue",
+                        format!(
+                            "no answer within {} s at submit",
+                            SUBMIT_SEND_BUDGET.as_secs()
+                        ),
+                    ))
+                });
+            match sent {
                 Ok(message_id) => {
                     self.unsent().remove(&request.id);
                     tracing::debug!(request_id = %request.id, %message_id, "request sent");
@@ -414,7 +442,12 @@ impl Inner {
                     }
                     return Err(err);
                 }
-                Err(err) if attempt < TRIES => {
+                // Only what may pass on a second try, and only while the budget lasts.
+                Err(err)
+                    if attempt < TRIES
+                        && err.is_transient()
+                        && Instant::now() + pause < deadline =>
+                {
                     tracing::warn!(
                         request_id = %request.id,
                         attempt,
@@ -437,6 +470,7 @@ impl Inner {
                     );
                     self.unsent().insert(request.id.clone());
                     self.schedule_outbox();
+                    break;
                 }
             }
         }
@@ -697,19 +731,30 @@ impl Inner {
         for tick in [&mut reconcile_tick, &mut prune_tick, &mut depth_tick] {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         }
+        // Each pass is raced against `stop` too: a queue or store that stops answering must
+        // not hold up shutdown. A pass cut short is safe: the next process redoes it.
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = reconcile_tick.tick() => {
-                    if let Err(err) = self.reconcile().await {
-                        tracing::warn!(
-                            error = %chain(&err),
-                            "reconciliation failed; will try again",
-                        );
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        result = self.reconcile() => if let Err(err) = result {
+                            tracing::warn!(
+                                error = %chain(&err),
+                                "reconciliation failed; will try again",
+                            );
+                        }
                     }
                 }
-                _ = prune_tick.tick() => self.prune().await,
-                _ = depth_tick.tick() => self.publish_depth().await,
+                _ = prune_tick.tick() => tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = self.prune() => {}
+                },
+                _ = depth_tick.tick() => tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = self.publish_depth() => {}
+                },
             }
         }
     }
@@ -744,7 +789,13 @@ impl Inner {
                     )
                 })
                 .collect();
-            match self.queue.change_visibility_batch(&changes).await {
+            // Raced against `stop`, as in `maintain`: an extension that never returns must not
+            // hold up shutdown.
+            let extended = tokio::select! {
+                _ = stop.cancelled() => return,
+                extended = self.queue.change_visibility_batch(&changes) => extended,
+            };
+            match extended {
                 Ok(outcomes) => {
                     for (state, outcome) in held.iter().zip(outcomes) {
                         if let Err(err) = outcome {
@@ -1173,14 +1224,25 @@ impl Inner {
             request,
             self.attempt_settings(),
             cancel,
-            hand_back,
+            hand_back.clone(),
         )
         .await;
 
         let mut state = delivery.state.lock().await;
         state.settled = true;
         let message = state.message.clone();
-        self.settle(&id, &message, end).await;
+        let cut_off = async {
+            hand_back.cancelled().await;
+            tokio::time::sleep(SETTLE_AFTER_HAND_BACK).await;
+        };
+        tokio::select! {
+            _ = self.settle(&id, &message, end) => {}
+            _ = cut_off => tracing::warn!(
+                request_id = %id,
+                "queue action still under way after the hand-back; the message comes back \
+                 after its visibility timeout",
+            ),
+        }
         drop(state);
         self.running().remove(&id);
     }
