@@ -134,6 +134,21 @@ const RETRY_DELAY: SecondsRange = SecondsRange::new(0.0, 86_400.0);
 const MAX_CONCURRENT_REQUESTS: (u64, u64) = (1, 1024);
 const MAX_RETRIES: (u64, u64) = (0, 99);
 
+/// Refuses a backoff whose first delay is over its cap: the cap would silently win.
+fn check_backoff_order(backoff: &BackoffPolicy) -> Result<()> {
+    if backoff.base > backoff.max {
+        return Err(Error::InvalidConfig {
+            name: "backoff.base".to_owned(),
+            value: format!("{}", backoff.base.as_secs_f64()),
+            expected: format!(
+                "at most backoff.max ({} s): the first retry delay cannot be over the cap",
+                backoff.max.as_secs_f64()
+            ),
+        });
+    }
+    Ok(())
+}
+
 fn check_count(name: &str, value: u64, (min, max): (u64, u64)) -> Result<()> {
     if value < min || value > max {
         return Err(Error::InvalidConfig {
@@ -232,6 +247,7 @@ impl TableConfig {
         check_count("max_retries", u64::from(self.max_retries), MAX_RETRIES)?;
         RETRY_DELAY.check("backoff.base", self.backoff.base)?;
         RETRY_DELAY.check("backoff.max", self.backoff.max)?;
+        check_backoff_order(&self.backoff)?;
         if !(0.0..=1.0).contains(&self.backoff.jitter) {
             return Err(Error::InvalidConfig {
                 name: "backoff.jitter".to_owned(),
@@ -321,7 +337,7 @@ impl TableConfig {
         // that a single bad variable is always reported by its own name first.
         config
             .validate()
-            .map_err(|e| in_variable_terms(e, &["status_update_interval"]))?;
+            .map_err(|e| in_variable_terms(e, &["status_update_interval", "backoff.max"]))?;
         Ok(config)
     }
 
@@ -439,6 +455,7 @@ impl QueueConfig {
         check_count("max_retries", u64::from(self.max_retries), MAX_RETRIES)?;
         QUEUE_RETRY_DELAY.check("backoff.base", self.backoff.base)?;
         QUEUE_RETRY_DELAY.check("backoff.max", self.backoff.max)?;
+        check_backoff_order(&self.backoff)?;
         if !(0.0..=1.0).contains(&self.backoff.jitter) {
             return Err(Error::InvalidConfig {
                 name: "backoff.jitter".to_owned(),
@@ -456,7 +473,7 @@ impl QueueConfig {
                 value: format!("{}", self.reconcile_after.as_secs_f64()),
                 expected: format!(
                     "at least visibility_timeout ({} s), so a message that is only in flight \
-                     is not sent again",
+                     is not sent again: raise reconcile_after or lower visibility_timeout",
                     self.visibility_timeout.as_secs_f64()
                 ),
             });
@@ -546,9 +563,9 @@ impl QueueConfig {
 
         // Cross-field rules (reconciling no sooner than a visibility timeout) are checked
         // last, so that a single bad variable is always reported by its own name first.
-        config
-            .validate()
-            .map_err(|e| in_variable_terms(e, &["visibility_timeout"]))?;
+        config.validate().map_err(|e| {
+            in_variable_terms(e, &["reconcile_after", "visibility_timeout", "backoff.max"])
+        })?;
         Ok(config)
     }
 
@@ -749,6 +766,56 @@ mod queue_config_tests {
                 }
                 other => panic!("{variable}={value}: expected InvalidConfig, got {other:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn a_backoff_base_over_its_cap_is_refused() {
+        let mut queue = QueueConfig::default();
+        queue.backoff.base = Duration::from_secs(700);
+        let err = queue.validate().unwrap_err();
+        assert!(matches!(err, Error::InvalidConfig { ref name, .. } if name == "backoff.base"));
+        let mut table = TableConfig::default();
+        table.backoff.base = table.backoff.max + Duration::from_secs(1);
+        let err = table.validate().unwrap_err();
+        assert!(matches!(err, Error::InvalidConfig { ref name, .. } if name == "backoff.base"));
+
+        let err = QueueConfig::from_lookup(|name| {
+            (name == "ROOT_ORCHESTRATOR_RETRY_DELAY_MAX").then(|| "1".to_owned())
+        })
+        .unwrap_err();
+        match err {
+            Error::InvalidConfig { name, expected, .. } => {
+                assert_eq!(name, "ROOT_ORCHESTRATOR_RETRY_DELAY_BASE");
+                assert!(
+                    expected.contains("ROOT_ORCHESTRATOR_RETRY_DELAY_MAX"),
+                    "{expected}"
+                );
+            }
+            other => panic!("expected InvalidConfig, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_visibility_timeout_over_reconcile_after_names_both_variables() {
+        let err = QueueConfig::from_lookup(|name| {
+            (name == "ROOT_ORCHESTRATOR_VISIBILITY_TIMEOUT").then(|| "900".to_owned())
+        })
+        .unwrap_err();
+        match err {
+            Error::InvalidConfig { name, expected, .. } => {
+                assert_eq!(name, "ROOT_ORCHESTRATOR_RECONCILE_AFTER");
+                assert!(
+                    expected.contains("ROOT_ORCHESTRATOR_VISIBILITY_TIMEOUT"),
+                    "{expected}"
+                );
+                assert!(
+                    expected.contains("raise ROOT_ORCHESTRATOR_RECONCILE_AFTER"),
+                    "{expected}"
+                );
+                assert!(!expected.contains("visibility_timeout"), "{expected}");
+            }
+            other => panic!("expected InvalidConfig, got {other:?}"),
         }
     }
 

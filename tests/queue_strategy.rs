@@ -33,6 +33,7 @@ struct Faulty {
     /// Sends, and depth reads, wait without answering while set.
     hang_sends: Arc<AtomicBool>,
     hang_depth: Arc<AtomicBool>,
+    receives: Arc<AtomicUsize>,
 }
 
 /// Waits while `flag` is set, as a server that does not answer.
@@ -78,6 +79,7 @@ impl QueueBackend for Faulty {
         wait: Duration,
         visibility_timeout: Duration,
     ) -> root_orchestrator::Result<Vec<ReceivedMessage>> {
+        self.receives.fetch_add(1, Ordering::SeqCst);
         let received = self
             .inner
             .receive(max_messages, wait, visibility_timeout)
@@ -852,4 +854,18 @@ async fn shutdown_does_not_wait_for_a_queue_that_stopped_answering() {
         .await
         .expect("shutdown waited for a depth refresh that never returns");
     assert!(took < Duration::from_secs(3), "{took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_consumer_without_long_polling_does_not_spin() {
+    let queue = Faulty::default();
+    let mut config = fast();
+    config.long_polling_wait_time = Duration::ZERO;
+    let consumers =
+        Consumers::start(Arc::new(queue.clone()), config, counting(Arc::default())).await;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    consumers.stop().await;
+    // One receive a second, not thousands.
+    let receives = queue.receives.load(Ordering::SeqCst);
+    assert!((1..=4).contains(&receives), "{receives} receives in 2.5 s");
 }

@@ -37,6 +37,10 @@ const EARLY_TOLERANCE: Duration = Duration::from_secs(1);
 /// outbox or to the message's visibility timeout.
 const TRIES: u32 = 3;
 
+/// How long a consumer without long polling (`long_polling_wait_time` 0) pauses after a
+/// receive that found nothing.
+const EMPTY_RECEIVE_PAUSE: Duration = Duration::from_secs(1);
+
 /// Longest a submit spends sending its message, all tries together, before leaving it to
 /// the outbox: a queue that does not answer must not hold the caller for minutes (the
 /// SDK's own tries and timeouts add up to about 90 s).
@@ -883,6 +887,16 @@ impl Inner {
             match received {
                 Ok(messages) => {
                     failures = 0;
+                    if messages.is_empty() && config.long_polling_wait_time.is_zero() {
+                        // Without long polling an empty queue answers at once: pause, or an
+                        // idle consumer would call the queue in a hot loop.
+                        drop(permits);
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            _ = tokio::time::sleep(EMPTY_RECEIVE_PAUSE) => {}
+                        }
+                        continue;
+                    }
                     if !messages.is_empty() {
                         metrics::counter!(
                             "root_orchestrator_queue_messages_received_total",
