@@ -1387,12 +1387,15 @@ impl Inner {
     }
 }
 
+/// A delivery's request and when it was submitted, if its message says.
+type Parsed = (NewRequest, Option<DateTime<Utc>>);
+
 /// Parses and validates a delivery, into the request and when it was submitted (from the
 /// message's metadata); the error is the dead-letter reason and its kind.
 fn parse(
     message: &ReceivedMessage,
     executors: &ExecutorRegistry,
-) -> std::result::Result<(NewRequest, Option<DateTime<Utc>>), (String, &'static str)> {
+) -> std::result::Result<Parsed, (String, &'static str)> {
     let mut wire = RequestMessage::from_json(&message.body)
         .map_err(|err| (format!("not a request message: {err}"), "invalid"))?;
     if wire.request_id.is_none() {
