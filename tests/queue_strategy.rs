@@ -869,3 +869,27 @@ async fn an_idle_consumer_without_long_polling_does_not_spin() {
     let receives = queue.receives.load(Ordering::SeqCst);
     assert!((1..=4).contains(&receives), "{receives} receives in 2.5 s");
 }
+
+#[tokio::test]
+async fn readiness_needs_the_queue_as_well_as_the_store() {
+    let queue = Faulty::default();
+    let strategy = QueueStrategy::new(MemoryStore::new(), queue.clone(), fast()).unwrap();
+    let orchestrator = RootOrchestrator::builder()
+        .strategy(strategy)
+        .executor(TYPE, counting(Arc::default()))
+        .build()
+        .unwrap();
+    orchestrator.ready().await.expect("store and queue answer");
+
+    queue.hang_depth.store(true, Ordering::SeqCst);
+    let started = Instant::now();
+    let err = orchestrator.ready().await.unwrap_err();
+    assert!(err.is_transient(), "{err}");
+    assert!(started.elapsed() < RootOrchestrator::READY_TIMEOUT + Duration::from_secs(1));
+
+    queue.hang_depth.store(false, Ordering::SeqCst);
+    orchestrator
+        .ready()
+        .await
+        .expect("ready again once the queue answers");
+}

@@ -286,6 +286,12 @@ impl ProcessingStrategy for QueueStrategy {
         self.inner.store.clone()
     }
 
+    /// Both halves must answer: a request can neither be stored nor delivered without them.
+    async fn ready(&self) -> Result<()> {
+        self.inner.store.ping().await?;
+        self.inner.queue.depth().await.map(|_| ())
+    }
+
     async fn submit(&self, request: NewRequest) -> Result<InsertOutcome> {
         let inner = &self.inner;
         inner.check_fits(&request)?;
