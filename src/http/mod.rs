@@ -8,7 +8,7 @@
 //! | `GET .../requests/{id}/status` | status, progress, attempts, timestamps, errors |
 //! | `GET .../requests/{id}/results` | 200 once `COMPLETED`, 409 before or on failure |
 //! | `POST .../requests/{id}/cancel` | 200 when cancelled, 409 once finished |
-//! | `GET /health`, `GET /ready` | liveness; readiness (the store answers) |
+//! | `GET /health`, `GET /ready` | liveness; readiness (the store, and any queue, answer) |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /openapi.json` | the OpenAPI 3.1 document of all of the above |
 //!

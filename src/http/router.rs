@@ -258,7 +258,7 @@ fn read_submission(
         (status = 422, description = "The body is not a JSON object, or a value is not \
             accepted; `field` names it (`.` for the whole body)",
             body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The store cannot be reached",
+        (status = 503, description = "The store or the queue cannot be reached",
             body = Problem, content_type = "application/problem+json",
             headers(("Retry-After" = u32, description = "Seconds to wait before trying again"))),
     ),
@@ -600,7 +600,7 @@ pub(crate) async fn health() -> Json<HealthView> {
     Json(HealthView { status: "ok" })
 }
 
-/// Readiness: the request store answers.
+/// Readiness: the request store answers, and the queue where the strategy has one.
 #[utoipa::path(
     get,
     path = "/ready",
@@ -616,8 +616,10 @@ pub(crate) async fn ready(State(api): Shared) -> Result<Json<HealthView>, Proble
     match api.orchestrator.ready().await {
         Ok(()) => Ok(Json(HealthView { status: "ready" })),
         Err(err) => {
-            tracing::warn!(error = %err, "not ready: the store does not answer");
-            Err(Problem::unavailable("the request store cannot be reached"))
+            tracing::warn!(error = %err, "not ready: the store or queue does not answer");
+            Err(Problem::unavailable(
+                "the request store or queue cannot be reached",
+            ))
         }
     }
 }
