@@ -210,6 +210,24 @@ impl PostgresStore {
         }
     }
 
+    /// Runs a fenced write whose last two parameters are the request id and the lease
+    /// token, and reports whether it applied.
+    async fn fenced_write(
+        &self,
+        operation: &'static str,
+        query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+        lease: &LeaseRef,
+    ) -> Result<WriteOutcome> {
+        let rows = query
+            .bind(lease.request_id.as_str())
+            .bind(&lease.token)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| Error::store(operation, e))?
+            .rows_affected();
+        self.outcome(operation, rows, &lease.request_id).await
+    }
+
     async fn outcome(
         &self,
         operation: &'static str,
@@ -517,7 +535,7 @@ impl RequestStore for PostgresStore {
     }
 
     async fn mark_executing(&self, lease: &LeaseRef) -> Result<WriteOutcome> {
-        let rows = sqlx::query(
+        let query = sqlx::query(
             "UPDATE requests SET status = 'EXECUTING', \
                  history = history || jsonb_build_array($1::jsonb) \
              WHERE id = $2 AND lease_token = $3 AND status = 'PROCESSING'",
@@ -526,19 +544,12 @@ impl RequestStore for PostgresStore {
             RequestStatus::Executing,
             Some(&lease.owner),
             "executor started",
-        ))
-        .bind(lease.request_id.as_str())
-        .bind(&lease.token)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| Error::store("mark_executing", e))?
-        .rows_affected();
-        self.outcome("mark_executing", rows, &lease.request_id)
-            .await
+        ));
+        self.fenced_write("mark_executing", query, lease).await
     }
 
     async fn record_progress(&self, lease: &LeaseRef, progress: &Progress) -> Result<WriteOutcome> {
-        let rows = sqlx::query(
+        let query = sqlx::query(
             "UPDATE requests SET progress_stage = $1, \
                  progress_percentage = GREATEST(progress_percentage, $2), \
                  urls_found = $3, content_extracted = $4, estimated_completion = $5 \
@@ -548,15 +559,8 @@ impl RequestStore for PostgresStore {
         .bind(i16::from(progress.percentage.min(100)))
         .bind(i64::try_from(progress.urls_found).unwrap_or(i64::MAX))
         .bind(i64::try_from(progress.content_extracted).unwrap_or(i64::MAX))
-        .bind(progress.estimated_completion)
-        .bind(lease.request_id.as_str())
-        .bind(&lease.token)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| Error::store("record_progress", e))?
-        .rows_affected();
-        self.outcome("record_progress", rows, &lease.request_id)
-            .await
+        .bind(progress.estimated_completion);
+        self.fenced_write("record_progress", query, lease).await
     }
 
     async fn extend_lease(
@@ -564,22 +568,16 @@ impl RequestStore for PostgresStore {
         lease: &LeaseRef,
         lease_duration: Duration,
     ) -> Result<WriteOutcome> {
-        let rows = sqlx::query(
+        let query = sqlx::query(
             "UPDATE requests SET lease_expires_at = now() + make_interval(secs => $1) \
              WHERE id = $2 AND lease_token = $3 AND status IN ('PROCESSING', 'EXECUTING')",
         )
-        .bind(seconds(lease_duration))
-        .bind(lease.request_id.as_str())
-        .bind(&lease.token)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| Error::store("extend_lease", e))?
-        .rows_affected();
-        self.outcome("extend_lease", rows, &lease.request_id).await
+        .bind(seconds(lease_duration));
+        self.fenced_write("extend_lease", query, lease).await
     }
 
     async fn complete(&self, lease: &LeaseRef, results: &RequestResults) -> Result<WriteOutcome> {
-        let rows = sqlx::query(
+        let query = sqlx::query(
             "UPDATE requests SET status = 'COMPLETED', results = $1::jsonb, \
                  completed_at = now(), progress_percentage = 100, lease_owner = NULL, \
                  lease_token = NULL, lease_expires_at = NULL, \
@@ -591,14 +589,8 @@ impl RequestStore for PostgresStore {
             RequestStatus::Completed,
             Some(&lease.owner),
             "workflow completed",
-        ))
-        .bind(lease.request_id.as_str())
-        .bind(&lease.token)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| Error::store("complete", e))?
-        .rows_affected();
-        self.outcome("complete", rows, &lease.request_id).await
+        ));
+        self.fenced_write("complete", query, lease).await
     }
 
     async fn fail_attempt(
@@ -609,7 +601,7 @@ impl RequestStore for PostgresStore {
     ) -> Result<WriteOutcome> {
         // Whether the request goes back to PENDING is decided in the statement, from the
         // attempts it actually has: a retry is only ever scheduled while attempts remain.
-        let rows = sqlx::query(
+        let query = sqlx::query(
             "UPDATE requests SET \
                  status = CASE WHEN $1 AND attempts < max_attempts \
                      THEN 'PENDING' ELSE 'FAILED' END, \
@@ -635,18 +627,12 @@ impl RequestStore for PostgresStore {
             Some(&lease.owner),
             "attempt failed; no retry",
         ))
-        .bind(to_json(error))
-        .bind(lease.request_id.as_str())
-        .bind(&lease.token)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| Error::store("fail_attempt", e))?
-        .rows_affected();
-        self.outcome("fail_attempt", rows, &lease.request_id).await
+        .bind(to_json(error));
+        self.fenced_write("fail_attempt", query, lease).await
     }
 
     async fn release(&self, lease: &LeaseRef, reason: &str) -> Result<WriteOutcome> {
-        let rows = sqlx::query(
+        let query = sqlx::query(
             "UPDATE requests SET status = 'PENDING', attempts = GREATEST(attempts - 1, 0), \
                  run_after = now(), lease_owner = NULL, lease_token = NULL, \
                  lease_expires_at = NULL, history = history || jsonb_build_array($1::jsonb) \
@@ -656,14 +642,8 @@ impl RequestStore for PostgresStore {
             RequestStatus::Pending,
             Some(&lease.owner),
             reason,
-        ))
-        .bind(lease.request_id.as_str())
-        .bind(&lease.token)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| Error::store("release", e))?
-        .rows_affected();
-        self.outcome("release", rows, &lease.request_id).await
+        ));
+        self.fenced_write("release", query, lease).await
     }
 
     async fn cancel(&self, id: &RequestId, reason: &str) -> Result<CancelOutcome> {

@@ -223,6 +223,24 @@ impl SqliteStore {
         }
     }
 
+    /// Runs a fenced write whose last two parameters are the request id and the lease
+    /// token, and reports whether it applied.
+    async fn fenced_write(
+        &self,
+        operation: &'static str,
+        query: sqlx::query::Query<'_, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
+        lease: &LeaseRef,
+    ) -> Result<WriteOutcome> {
+        let rows = query
+            .bind(lease.request_id.as_str())
+            .bind(&lease.token)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| Error::store(operation, e))?
+            .rows_affected();
+        self.outcome(operation, rows, &lease.request_id).await
+    }
+
     /// Turns the number of rows a fenced write touched into its outcome.
     async fn outcome(
         &self,
@@ -503,7 +521,7 @@ impl RequestStore for SqliteStore {
     }
 
     async fn mark_executing(&self, lease: &LeaseRef) -> Result<WriteOutcome> {
-        let rows = sqlx::query(
+        let query = sqlx::query(
             "UPDATE requests SET status = 'EXECUTING', \
                  history = json_insert(history, '$[#]', json(?)) \
              WHERE id = ? AND lease_token = ? AND status = 'PROCESSING'",
@@ -512,19 +530,12 @@ impl RequestStore for SqliteStore {
             RequestStatus::Executing,
             Some(&lease.owner),
             "executor started",
-        ))
-        .bind(lease.request_id.as_str())
-        .bind(&lease.token)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| Error::store("mark_executing", e))?
-        .rows_affected();
-        self.outcome("mark_executing", rows, &lease.request_id)
-            .await
+        ));
+        self.fenced_write("mark_executing", query, lease).await
     }
 
     async fn record_progress(&self, lease: &LeaseRef, progress: &Progress) -> Result<WriteOutcome> {
-        let rows = sqlx::query(
+        let query = sqlx::query(
             "UPDATE requests SET progress_stage = ?, \
                  progress_percentage = MAX(progress_percentage, ?), \
                  urls_found = ?, content_extracted = ?, estimated_completion = ? \
@@ -534,15 +545,8 @@ impl RequestStore for SqliteStore {
         .bind(i64::from(progress.percentage.min(100)))
         .bind(i64::try_from(progress.urls_found).unwrap_or(i64::MAX))
         .bind(i64::try_from(progress.content_extracted).unwrap_or(i64::MAX))
-        .bind(progress.estimated_completion.map(micros))
-        .bind(lease.request_id.as_str())
-        .bind(&lease.token)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| Error::store("record_progress", e))?
-        .rows_affected();
-        self.outcome("record_progress", rows, &lease.request_id)
-            .await
+        .bind(progress.estimated_completion.map(micros));
+        self.fenced_write("record_progress", query, lease).await
     }
 
     async fn extend_lease(
@@ -550,22 +554,16 @@ impl RequestStore for SqliteStore {
         lease: &LeaseRef,
         lease_duration: Duration,
     ) -> Result<WriteOutcome> {
-        let rows = sqlx::query(
+        let query = sqlx::query(
             "UPDATE requests SET lease_expires_at = ? \
              WHERE id = ? AND lease_token = ? AND status IN ('PROCESSING', 'EXECUTING')",
         )
-        .bind(micros(after(now(), lease_duration)))
-        .bind(lease.request_id.as_str())
-        .bind(&lease.token)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| Error::store("extend_lease", e))?
-        .rows_affected();
-        self.outcome("extend_lease", rows, &lease.request_id).await
+        .bind(micros(after(now(), lease_duration)));
+        self.fenced_write("extend_lease", query, lease).await
     }
 
     async fn complete(&self, lease: &LeaseRef, results: &RequestResults) -> Result<WriteOutcome> {
-        let rows = sqlx::query(
+        let query = sqlx::query(
             "UPDATE requests SET status = 'COMPLETED', results = ?, completed_at = ?, \
                  progress_percentage = 100, lease_owner = NULL, lease_token = NULL, \
                  lease_expires_at = NULL, history = json_insert(history, '$[#]', json(?)) \
@@ -577,14 +575,8 @@ impl RequestStore for SqliteStore {
             RequestStatus::Completed,
             Some(&lease.owner),
             "workflow completed",
-        ))
-        .bind(lease.request_id.as_str())
-        .bind(&lease.token)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| Error::store("complete", e))?
-        .rows_affected();
-        self.outcome("complete", rows, &lease.request_id).await
+        ));
+        self.fenced_write("complete", query, lease).await
     }
 
     async fn fail_attempt(
@@ -597,7 +589,7 @@ impl RequestStore for SqliteStore {
 
         // Whether the request goes back to PENDING is decided in the statement, from the
         // attempts it actually has: a retry is only ever scheduled while attempts remain.
-        let rows = sqlx::query(
+        let query = sqlx::query(
             "UPDATE requests SET \
                  status = CASE WHEN ?1 AND attempts < max_attempts \
                      THEN 'PENDING' ELSE 'FAILED' END, \
@@ -624,18 +616,12 @@ impl RequestStore for SqliteStore {
             Some(&lease.owner),
             "attempt failed; no retry",
         ))
-        .bind(to_json(error))
-        .bind(lease.request_id.as_str())
-        .bind(&lease.token)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| Error::store("fail_attempt", e))?
-        .rows_affected();
-        self.outcome("fail_attempt", rows, &lease.request_id).await
+        .bind(to_json(error));
+        self.fenced_write("fail_attempt", query, lease).await
     }
 
     async fn release(&self, lease: &LeaseRef, reason: &str) -> Result<WriteOutcome> {
-        let rows = sqlx::query(
+        let query = sqlx::query(
             "UPDATE requests SET status = 'PENDING', attempts = MAX(attempts - 1, 0), \
                  run_after = ?, lease_owner = NULL, lease_token = NULL, \
                  lease_expires_at = NULL, history = json_insert(history, '$[#]', json(?)) \
@@ -646,14 +632,8 @@ impl RequestStore for SqliteStore {
             RequestStatus::Pending,
             Some(&lease.owner),
             reason,
-        ))
-        .bind(lease.request_id.as_str())
-        .bind(&lease.token)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| Error::store("release", e))?
-        .rows_affected();
-        self.outcome("release", rows, &lease.request_id).await
+        ));
+        self.fenced_write("release", query, lease).await
     }
 
     async fn cancel(&self, id: &RequestId, reason: &str) -> Result<CancelOutcome> {
