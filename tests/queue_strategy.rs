@@ -893,3 +893,119 @@ async fn readiness_needs_the_queue_as_well_as_the_store() {
         .await
         .expect("ready again once the queue answers");
 }
+
+/// A request message without `request_id`, padded by `pad` bytes, submitted `at`.
+fn unnamed_message(pad: usize, at: chrono::DateTime<chrono::Utc>) -> String {
+    let wire = queue_conformance::consumer::wire_submitted("x", "kw", 0, at);
+    let mut message: serde_json::Value = serde_json::from_str(&wire).unwrap();
+    message.as_object_mut().unwrap().remove("request_id");
+    message["configuration"]["custom_params"]["pad"] = serde_json::json!("a".repeat(pad));
+    message.to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_message_too_close_to_the_limit_to_name_its_request_stays_dead_lettered() {
+    // The body fits, but not once it carries the request id it was known by.
+    let limit = unnamed_message(0, chrono::Utc::now()).len() + 210;
+    let body = unnamed_message(200, chrono::Utc::now());
+    let queue = MemoryQueue::new().with_max_message_bytes(limit);
+    let shared: Arc<dyn QueueBackend> = Arc::new(queue.clone());
+    let calls = Arc::new(AtomicUsize::new(0));
+    let executor = scripted({
+        let calls = calls.clone();
+        move |_, _| {
+            let calls = calls.clone();
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err(WorkflowError::permanent("boom"))
+            }
+        }
+    });
+    let consumers = Consumers::start(shared.clone(), fast(), executor).await;
+    queue.send(&body, Duration::ZERO).await.unwrap();
+    wait_depth(&shared, |d| d.dead_lettered == 1).await;
+
+    assert_eq!(
+        consumers.strategy.redrive_dead_letters(10).await.unwrap(),
+        0
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let depth = shared.depth().await.unwrap();
+    assert_eq!((depth.dead_lettered, depth.visible), (1, 0));
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "never run again under a new id"
+    );
+    assert_eq!(
+        consumers
+            .store
+            .count_by_status()
+            .await
+            .unwrap()
+            .values()
+            .sum::<u64>(),
+        1
+    );
+    consumers.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_message_redriven_after_the_retention_window_runs_as_a_resubmission() {
+    let queue = MemoryQueue::new();
+    let shared: Arc<dyn QueueBackend> = Arc::new(queue.clone());
+    let store = MemoryStore::new();
+    let mut config = fast();
+    config.cleanup_completed_after = Duration::from_secs(1);
+
+    // Dead-lettered for a type nobody runs yet, then left longer than the window.
+    let id = unique_id("pricing");
+    let body = wire(&id, "list price", 3).replace(TYPE, "pricing_watch");
+    let strategy =
+        QueueStrategy::with_shared(Arc::new(store.clone()), shared.clone(), config.clone())
+            .unwrap();
+    let orchestrator = RootOrchestrator::builder()
+        .strategy(strategy.clone())
+        .executor(TYPE, counting(Arc::default()))
+        .build()
+        .unwrap();
+    let stop = CancellationToken::new();
+    let workers = tokio::spawn({
+        let (orchestrator, stop) = (orchestrator.clone(), stop.clone());
+        async move { orchestrator.run_with_token(stop).await }
+    });
+    queue.send(&body, Duration::ZERO).await.unwrap();
+    wait_depth(&shared, |d| d.dead_lettered == 1).await;
+    stop.cancel();
+    workers.await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+
+    // The executor is deployed, and the operator redrives.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let orchestrator = RootOrchestrator::builder()
+        .strategy(strategy.clone())
+        .executor(TYPE, counting(Arc::default()))
+        .executor("pricing_watch", counting(calls.clone()))
+        .build()
+        .unwrap();
+    let stop = CancellationToken::new();
+    let workers = tokio::spawn({
+        let (orchestrator, stop) = (orchestrator.clone(), stop.clone());
+        async move { orchestrator.run_with_token(stop).await }
+    });
+    assert_eq!(strategy.redrive_dead_letters(10).await.unwrap(), 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while calls.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the redriven message never ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    workers.await.unwrap().unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let request = store
+        .get(&RequestId::parse(&id).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(request.status, RequestStatus::Completed);
+}

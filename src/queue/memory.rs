@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::{
     MAX_BATCH_SIZE, MAX_DELAY, MAX_MESSAGE_BYTES, MAX_VISIBILITY_TIMEOUT, MAX_WAIT_TIME,
-    QueueBackend, QueueDepth, ReceivedMessage, check_size, with_request_id,
+    QueueBackend, QueueDepth, ReceivedMessage, check_size, redriven_body, with_request_id,
 };
 use crate::error::{Error, Result};
 
@@ -359,15 +359,28 @@ impl QueueBackend for MemoryQueue {
             state.dead.drain(..n).collect()
         };
         let limit = self.shared.max_message_bytes;
-        for letter in &moved {
+        let mut redriven = 0;
+        let mut kept = Vec::new();
+        for letter in moved {
             // The redriven copy gets a new message id; the request stays the one named by
             // the dead-lettered message's id (a queue's own receive limit moves a message
             // unchanged).
-            let body = with_request_id(&letter.body, &letter.message_id, limit)
-                .unwrap_or_else(|| letter.body.clone());
-            self.push(body, Duration::ZERO);
+            match redriven_body(&letter.body, &letter.message_id, limit) {
+                Some(body) => {
+                    self.push(body, Duration::ZERO);
+                    redriven += 1;
+                }
+                None => {
+                    tracing::warn!(
+                        message_id = %letter.message_id,
+                        "too close to the size limit to be redriven as the same request; kept"
+                    );
+                    kept.push(letter);
+                }
+            }
         }
-        Ok(moved.len())
+        self.state().dead.extend(kept);
+        Ok(redriven)
     }
 
     async fn depth(&self) -> Result<QueueDepth> {

@@ -292,6 +292,44 @@ pub(crate) fn with_request_id(body: &str, message_id: &str, limit: usize) -> Opt
     (stamped.len() <= limit).then_some(stamped)
 }
 
+/// The body a redrive sends back for a dead-lettered `body` that consumers knew by the
+/// message id `known_as`, or `None` when the message must stay dead-lettered.
+///
+/// A request message is a resubmission once redriven: it gets the `request_id` it was known
+/// by (when it has none), so the copy still names the same request, and a
+/// `metadata.submitted_at` of now, so a message that waited in the dead-letter queue longer
+/// than finished requests are kept is not taken for the copy of a pruned one. A request
+/// still stored then follows its status (a finished one is not run again). When the
+/// rewritten body would not fit in `limit` the message stays where it is: sent unchanged,
+/// it would come back as a different request. Any other body goes back byte-identical.
+#[cfg(feature = "queue")]
+pub(crate) fn redriven_body(body: &str, known_as: &str, limit: usize) -> Option<String> {
+    if crate::model::RequestMessage::from_json(body).is_err() {
+        return Some(body.to_owned());
+    }
+    let serde_json::Value::Object(mut object) = serde_json::from_str(body).ok()? else {
+        return Some(body.to_owned());
+    };
+
+    if object
+        .get("request_id")
+        .is_none_or(serde_json::Value::is_null)
+    {
+        object.insert(
+            "request_id".to_owned(),
+            serde_json::Value::String(known_as.to_owned()),
+        );
+    }
+    if let Some(serde_json::Value::Object(metadata)) = object.get_mut("metadata") {
+        metadata.insert(
+            "submitted_at".to_owned(),
+            serde_json::Value::String(crate::store::now().to_rfc3339()),
+        );
+    }
+    let rewritten = serde_json::to_string(&object).ok()?;
+    (rewritten.len() <= limit).then_some(rewritten)
+}
+
 #[cfg(all(test, feature = "queue"))]
 mod tests {
     use super::*;
@@ -316,5 +354,29 @@ mod tests {
         );
         // Too large once stamped: kept as it is.
         assert_eq!(with_request_id(message, "m-1", 64), None);
+    }
+
+    #[test]
+    fn a_redriven_request_names_its_request_and_counts_as_submitted_now() {
+        let old = r#"{"project_id": "p", "user_id": "u", "request_type": "t",
+                      "configuration": {"keywords": ["x"]},
+                      "metadata": {"submitted_at": "2020-01-01T00:00:00Z"}}"#;
+        let redriven = redriven_body(old, "m-1", 1024).unwrap();
+        let message = crate::model::RequestMessage::from_json(&redriven).unwrap();
+        assert_eq!(message.request_id.as_deref(), Some("m-1"));
+        let submitted = message.metadata.unwrap().submitted_at;
+        assert!(chrono::Utc::now() - submitted < chrono::Duration::seconds(60));
+
+        let named = old.replacen('{', r#"{"request_id": "r", "#, 1);
+        let redriven = redriven_body(&named, "m-1", 1024).unwrap();
+        assert!(redriven.contains(r#""request_id":"r""#), "{redriven}");
+
+        // Too large once rewritten: it stays dead-lettered.
+        assert_eq!(redriven_body(old, "m-1", old.len()), None);
+        // Not a request: back as it was.
+        assert_eq!(
+            redriven_body("not JSON {", "m-1", 16).as_deref(),
+            Some("not JSON {")
+        );
     }
 }

@@ -17,7 +17,8 @@ use aws_sdk_sqs::types::{
 
 use super::{
     MAX_BATCH_SIZE, MAX_DELAY, MAX_MESSAGE_BYTES, MAX_VISIBILITY_TIMEOUT, MAX_WAIT_TIME,
-    OutgoingMessage, QueueBackend, QueueDepth, ReceivedMessage, check_size, with_request_id,
+    OutgoingMessage, QueueBackend, QueueDepth, ReceivedMessage, check_size, redriven_body,
+    with_request_id,
 };
 use crate::error::{Error, Result};
 
@@ -646,9 +647,16 @@ impl QueueBackend for SqsQueue {
                         .and_then(|a| a.get(SOURCE_ID_ATTRIBUTE))
                         .and_then(|v| v.string_value())
                         .or(m.message_id());
-                    let body = known_as
-                        .and_then(|id| with_request_id(body, id, limit))
-                        .unwrap_or_else(|| body.to_owned());
+                    let Some(body) = redriven_body(body, known_as?, limit) else {
+                        // Left alone, it reappears in the dead-letter queue after the
+                        // redrive's visibility timeout.
+                        tracing::warn!(
+                            message_id = known_as.unwrap_or_default(),
+                            "too close to the size limit to be redriven as the same \
+                             request; kept"
+                        );
+                        return None;
+                    };
                     Some((body, m.receipt_handle()?.to_owned()))
                 })
                 .collect();

@@ -243,8 +243,11 @@ impl QueueStrategy {
     /// delivered again; returns how many were moved.
     ///
     /// Useful once the cause is fixed: a request type that now has an executor, a
-    /// consumer that no longer crashes. A message whose request has finished (`FAILED`
-    /// included) is dropped on delivery: the request's outcome stands.
+    /// consumer that no longer crashes. A redrive is a resubmission: the copy names the
+    /// request it was known by and counts as submitted now. A message whose request has
+    /// finished (`FAILED` included) is dropped on delivery: the request's outcome stands;
+    /// one whose request was never stored, or was pruned since, runs. A message too close to
+    /// the size limit to carry its request id stays dead-lettered (and is not counted).
     ///
     /// # Errors
     ///
