@@ -75,8 +75,8 @@ pub use status::RequestStatus;
 #[cfg(feature = "sqlite")]
 pub use store::SqliteStore;
 pub use store::{
-    CancelOutcome, InsertOutcome, LeaseRef, ListCursor, ListFilter, MemoryStore, RequestPage,
-    RequestStore, RescuedRequest, StoreEvent, StoreEvents, Visibility, WriteOutcome,
+    CancelOutcome, FencedWrite, InsertOutcome, LeaseRef, ListCursor, ListFilter, MemoryStore,
+    RequestPage, RequestStore, RescuedRequest, StoreEvent, StoreEvents, Visibility, WriteOutcome,
 };
 #[cfg(feature = "postgres")]
 pub use store::{PostgresStore, PostgresStoreOptions};

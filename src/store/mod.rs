@@ -75,6 +75,24 @@ impl WriteOutcome {
     }
 }
 
+/// One fenced write of [`RequestStore::write_batch`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum FencedWrite {
+    /// As [`RequestStore::mark_executing`].
+    MarkExecuting(LeaseRef),
+    /// As [`RequestStore::complete`].
+    Complete(LeaseRef, RequestResults),
+}
+
+impl FencedWrite {
+    /// The lease the write presents.
+    pub fn lease(&self) -> &LeaseRef {
+        match self {
+            FencedWrite::MarkExecuting(lease) | FencedWrite::Complete(lease, _) => lease,
+        }
+    }
+}
+
 /// What [`RequestStore::insert`] did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum InsertOutcome {
@@ -370,6 +388,24 @@ pub trait RequestStore: Send + Sync + 'static {
     /// The request must already be validated ([`NewRequest::validate`]).
     async fn insert(&self, request: NewRequest, max_attempts: u32) -> Result<InsertOutcome>;
 
+    /// Stores several new requests, as [`insert`](Self::insert) would one by one, in one
+    /// transaction where the backend has them: all are stored or, on an error, none.
+    /// Outcomes come back in the order of `requests`; an id given twice in one batch is
+    /// stored once and reported as existing the second time.
+    ///
+    /// The default inserts one at a time, without the all-or-none guarantee.
+    async fn insert_many(
+        &self,
+        requests: Vec<NewRequest>,
+        max_attempts: u32,
+    ) -> Result<Vec<InsertOutcome>> {
+        let mut outcomes = Vec::with_capacity(requests.len());
+        for request in requests {
+            outcomes.push(self.insert(request, max_attempts).await?);
+        }
+        Ok(outcomes)
+    }
+
     /// The request with this id.
     async fn get(&self, id: &RequestId) -> Result<Option<Request>>;
 
@@ -414,6 +450,23 @@ pub trait RequestStore: Send + Sync + 'static {
 
     /// `EXECUTING` -> `COMPLETED` with `results`, in one write, under `lease`.
     async fn complete(&self, lease: &LeaseRef, results: &RequestResults) -> Result<WriteOutcome>;
+
+    /// Applies several fenced writes, each exactly as its single-write method would, in one
+    /// transaction where the backend has them; outcomes come back in the order of `writes`.
+    /// Workers funnel their writes through this so that many requests finishing together
+    /// cost one commit instead of one each.
+    ///
+    /// An error means none was applied. The default applies them one at a time.
+    async fn write_batch(&self, writes: &[FencedWrite]) -> Result<Vec<WriteOutcome>> {
+        let mut outcomes = Vec::with_capacity(writes.len());
+        for write in writes {
+            outcomes.push(match write {
+                FencedWrite::MarkExecuting(lease) => self.mark_executing(lease).await?,
+                FencedWrite::Complete(lease, results) => self.complete(lease, results).await?,
+            });
+        }
+        Ok(outcomes)
+    }
 
     /// Records a failed attempt under `lease`: back to `PENDING` until `retry_at` when one is
     /// given and attempts remain, `FAILED` otherwise.

@@ -11,8 +11,8 @@ use tokio::sync::mpsc;
 
 use super::row::{StoredRow, history_entry, to_json, unreadable};
 use super::{
-    CancelOutcome, InsertOutcome, LeaseRef, ListFilter, RequestPage, RequestStore, RescuedRequest,
-    StoreEvent, StoreEvents, WriteOutcome, expired_lease_error,
+    CancelOutcome, FencedWrite, InsertOutcome, LeaseRef, ListFilter, RequestPage, RequestStore,
+    RescuedRequest, StoreEvent, StoreEvents, WriteOutcome, expired_lease_error,
 };
 use crate::error::{Error, Result};
 use crate::model::{AttemptError, NewRequest, Progress, Request, RequestId, RequestResults};
@@ -306,6 +306,39 @@ fn redact(url: &str) -> String {
     }
 }
 
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// `PROCESSING` -> `EXECUTING`; the request id and lease token are bound last.
+fn mark_executing_query(lease: &LeaseRef) -> PgQuery<'static> {
+    sqlx::query(
+        "UPDATE requests SET status = 'EXECUTING', \
+             history = history || jsonb_build_array($1::jsonb) \
+         WHERE id = $2 AND lease_token = $3 AND status = 'PROCESSING'",
+    )
+    .bind(history_entry(
+        RequestStatus::Executing,
+        Some(&lease.owner),
+        "executor started",
+    ))
+}
+
+/// `EXECUTING` -> `COMPLETED`; the request id and lease token are bound last.
+fn complete_query(lease: &LeaseRef, results: &RequestResults) -> PgQuery<'static> {
+    sqlx::query(
+        "UPDATE requests SET status = 'COMPLETED', results = $1::jsonb, \
+             completed_at = now(), progress_percentage = 100, lease_owner = NULL, \
+             lease_token = NULL, lease_expires_at = NULL, \
+             history = history || jsonb_build_array($2::jsonb) \
+         WHERE id = $3 AND lease_token = $4 AND status = 'EXECUTING'",
+    )
+    .bind(to_json(results))
+    .bind(history_entry(
+        RequestStatus::Completed,
+        Some(&lease.owner),
+        "workflow completed",
+    ))
+}
+
 fn seconds(duration: Duration) -> f64 {
     duration.as_secs_f64()
 }
@@ -384,6 +417,99 @@ impl RequestStore for PostgresStore {
             // The conflicting row was pruned between the two statements: store it anew.
             None => Box::pin(self.insert(new, max_attempts)).await,
         }
+    }
+
+    async fn insert_many(
+        &self,
+        requests: Vec<NewRequest>,
+        max_attempts: u32,
+    ) -> Result<Vec<InsertOutcome>> {
+        if requests.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<RequestId> = requests
+            .iter()
+            .map(|r| r.request_id.clone().unwrap_or_else(RequestId::generate))
+            .collect();
+
+        // One statement over arrays: one round trip and one commit for the whole batch.
+        // WITH ORDINALITY keeps the batch's order in `seq`, and the batch shares the
+        // transaction's `now()`, so it is claimed in the order given.
+        let rows = sqlx::query(concat!(
+            "INSERT INTO requests (id, project_id, user_id, request_type, priority, \
+             configuration, status, history, max_attempts, created_at, run_after) \
+             SELECT id, project_id, user_id, request_type, priority, configuration::jsonb, \
+                 'PENDING', jsonb_build_array($7::jsonb), max_attempts, now(), \
+                 COALESCE(run_after, now()) \
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int2[], \
+                 $6::text[], $8::int4[], $9::timestamptz[]) WITH ORDINALITY \
+                 AS batch(id, project_id, user_id, request_type, priority, configuration, \
+                     max_attempts, run_after, position) \
+             ORDER BY position \
+             ON CONFLICT (id) DO NOTHING RETURNING ",
+            columns!()
+        ))
+        .bind(ids.iter().map(RequestId::as_str).collect::<Vec<_>>())
+        .bind(
+            requests
+                .iter()
+                .map(|r| r.project_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            requests
+                .iter()
+                .map(|r| r.user_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            requests
+                .iter()
+                .map(|r| r.request_type.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            requests
+                .iter()
+                .map(|r| r.priority.rank() as i16)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            requests
+                .iter()
+                .map(|r| to_json(&r.configuration))
+                .collect::<Vec<_>>(),
+        )
+        .bind(history_entry(RequestStatus::Pending, None, "submitted"))
+        .bind(
+            requests
+                .iter()
+                .map(|r| r.max_attempts.unwrap_or(max_attempts) as i32)
+                .collect::<Vec<_>>(),
+        )
+        .bind(requests.iter().map(|r| r.run_after).collect::<Vec<_>>())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| Error::store("insert_many", e))?;
+
+        let mut inserted = std::collections::HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let request = request_from_row(row)?;
+            inserted.insert(request.id.clone(), request);
+        }
+        let mut outcomes = Vec::with_capacity(requests.len());
+        for (id, new) in ids.into_iter().zip(requests) {
+            // The first occurrence of an id takes the inserted row; a repeat, or an id
+            // stored before, finds the existing one.
+            outcomes.push(match inserted.remove(&id) {
+                Some(request) => InsertOutcome::Inserted(request),
+                None => match self.get(&id).await? {
+                    Some(existing) => InsertOutcome::Existing(existing),
+                    None => self.insert(new, max_attempts).await?,
+                },
+            });
+        }
+        Ok(outcomes)
     }
 
     async fn get(&self, id: &RequestId) -> Result<Option<Request>> {
@@ -535,17 +661,8 @@ impl RequestStore for PostgresStore {
     }
 
     async fn mark_executing(&self, lease: &LeaseRef) -> Result<WriteOutcome> {
-        let query = sqlx::query(
-            "UPDATE requests SET status = 'EXECUTING', \
-                 history = history || jsonb_build_array($1::jsonb) \
-             WHERE id = $2 AND lease_token = $3 AND status = 'PROCESSING'",
-        )
-        .bind(history_entry(
-            RequestStatus::Executing,
-            Some(&lease.owner),
-            "executor started",
-        ));
-        self.fenced_write("mark_executing", query, lease).await
+        self.fenced_write("mark_executing", mark_executing_query(lease), lease)
+            .await
     }
 
     async fn record_progress(&self, lease: &LeaseRef, progress: &Progress) -> Result<WriteOutcome> {
@@ -577,20 +694,42 @@ impl RequestStore for PostgresStore {
     }
 
     async fn complete(&self, lease: &LeaseRef, results: &RequestResults) -> Result<WriteOutcome> {
-        let query = sqlx::query(
-            "UPDATE requests SET status = 'COMPLETED', results = $1::jsonb, \
-                 completed_at = now(), progress_percentage = 100, lease_owner = NULL, \
-                 lease_token = NULL, lease_expires_at = NULL, \
-                 history = history || jsonb_build_array($2::jsonb) \
-             WHERE id = $3 AND lease_token = $4 AND status = 'EXECUTING'",
-        )
-        .bind(to_json(results))
-        .bind(history_entry(
-            RequestStatus::Completed,
-            Some(&lease.owner),
-            "workflow completed",
-        ));
-        self.fenced_write("complete", query, lease).await
+        self.fenced_write("complete", complete_query(lease, results), lease)
+            .await
+    }
+
+    async fn write_batch(&self, writes: &[FencedWrite]) -> Result<Vec<WriteOutcome>> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| Error::store("write_batch", e))?;
+        let mut applied = Vec::with_capacity(writes.len());
+        for write in writes {
+            let lease = write.lease();
+            let query = match write {
+                FencedWrite::MarkExecuting(_) => mark_executing_query(lease),
+                FencedWrite::Complete(_, results) => complete_query(lease, results),
+            };
+            let rows = query
+                .bind(lease.request_id.as_str())
+                .bind(&lease.token)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| Error::store("write_batch", e))?
+                .rows_affected();
+            applied.push(rows);
+        }
+        tx.commit()
+            .await
+            .map_err(|e| Error::store("write_batch", e))?;
+
+        let mut outcomes = Vec::with_capacity(writes.len());
+        for (write, rows) in writes.iter().zip(applied) {
+            let id = &write.lease().request_id;
+            outcomes.push(self.outcome("write_batch", rows, id).await?);
+        }
+        Ok(outcomes)
     }
 
     async fn fail_attempt(

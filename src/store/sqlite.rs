@@ -14,8 +14,8 @@ use sqlx::{Row, migrate::Migrator};
 
 use super::row::{StoredRow, history_entry, to_json, unreadable};
 use super::{
-    CancelOutcome, InsertOutcome, LeaseRef, ListFilter, RequestPage, RequestStore, RescuedRequest,
-    WriteOutcome, after, expired_lease_error, now,
+    CancelOutcome, FencedWrite, InsertOutcome, LeaseRef, ListFilter, RequestPage, RequestStore,
+    RescuedRequest, WriteOutcome, after, expired_lease_error, now,
 };
 use crate::error::{Error, Result};
 use crate::model::{AttemptError, NewRequest, Progress, Request, RequestId, RequestResults};
@@ -82,7 +82,12 @@ macro_rules! columns {
 /// ```
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
+    /// Reads.
     pool: SqlitePool,
+    /// Writes: one connection. SQLite takes one writer at a time anyway; queueing writers
+    /// here, in order, beats having them collide on the file lock, where the loser sleeps
+    /// in SQLite's busy handler for a millisecond or more.
+    writer: SqlitePool,
 }
 
 impl SqliteStore {
@@ -100,7 +105,8 @@ impl SqliteStore {
         Self::open_with(path, Self::DEFAULT_MAX_CONNECTIONS).await
     }
 
-    /// Like [`open`](Self::open) with at most `max_connections` pooled connections.
+    /// Like [`open`](Self::open) with at most `max_connections` pooled connections for
+    /// reads; writes have one more connection of their own.
     ///
     /// # Errors
     ///
@@ -139,7 +145,11 @@ impl SqliteStore {
                 Err(err) => return Err(Error::store("open", err)),
             }
         };
-        Self::from_pool(pool).await
+        let mut store = Self::from_pool(pool).await?;
+        store.writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_lazy_with(options);
+        Ok(store)
     }
 
     /// Uses an existing pool, migrating its database first.
@@ -148,7 +158,10 @@ impl SqliteStore {
     ///
     /// [`Error::Migration`] when the schema cannot be brought up to date.
     pub async fn from_pool(pool: SqlitePool) -> Result<Self> {
-        let store = SqliteStore { pool };
+        let store = SqliteStore {
+            writer: pool.clone(),
+            pool,
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -191,6 +204,7 @@ impl SqliteStore {
 
     /// Closes every connection; later calls fail.
     pub async fn close(&self) {
+        self.writer.close().await;
         self.pool.close().await;
     }
 
@@ -212,7 +226,7 @@ impl SqliteStore {
         .bind(micros(now()))
         .bind(&id)
         .bind(&token)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await;
         if let Err(err) = failed {
             tracing::error!(
@@ -234,7 +248,7 @@ impl SqliteStore {
         let rows = query
             .bind(lease.request_id.as_str())
             .bind(&lease.token)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await
             .map_err(|e| Error::store(operation, e))?
             .rows_affected();
@@ -260,6 +274,73 @@ impl SqliteStore {
         let current = current.map(|s| s.parse()).transpose()?;
         Ok(WriteOutcome::Rejected { current })
     }
+}
+
+type SqliteQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>;
+
+/// The insert of one request, a no-op when its id exists.
+fn insert_query<'q>(
+    new: &'q NewRequest,
+    id: &'q RequestId,
+    max_attempts: u32,
+    created_at: DateTime<Utc>,
+) -> SqliteQuery<'q> {
+    let history = format!(
+        "[{}]",
+        history_entry(RequestStatus::Pending, None, "submitted")
+    );
+
+    // ON CONFLICT DO NOTHING makes a repeated caller-given id a no-op, atomically, even
+    // when two submits of the same id race.
+    sqlx::query(concat!(
+        "INSERT INTO requests (id, project_id, user_id, request_type, priority, \
+         configuration, status, history, max_attempts, created_at, run_after) \
+         VALUES (?, ?, ?, ?, ?, ?, 'PENDING', ?, ?, ?, ?) \
+         ON CONFLICT (id) DO NOTHING RETURNING ",
+        columns!(),
+        ""
+    ))
+    .bind(id.as_str())
+    .bind(&new.project_id)
+    .bind(&new.user_id)
+    .bind(new.request_type.as_str())
+    .bind(new.priority.rank())
+    .bind(to_json(&new.configuration))
+    .bind(history)
+    .bind(i64::from(new.max_attempts.unwrap_or(max_attempts)))
+    .bind(micros(created_at))
+    .bind(micros(new.run_after.unwrap_or(created_at)))
+}
+
+/// `PROCESSING` -> `EXECUTING`; the request id and lease token are bound last.
+fn mark_executing_query(lease: &LeaseRef) -> SqliteQuery<'static> {
+    sqlx::query(
+        "UPDATE requests SET status = 'EXECUTING', \
+             history = json_insert(history, '$[#]', json(?)) \
+         WHERE id = ? AND lease_token = ? AND status = 'PROCESSING'",
+    )
+    .bind(history_entry(
+        RequestStatus::Executing,
+        Some(&lease.owner),
+        "executor started",
+    ))
+}
+
+/// `EXECUTING` -> `COMPLETED`; the request id and lease token are bound last.
+fn complete_query(lease: &LeaseRef, results: &RequestResults) -> SqliteQuery<'static> {
+    sqlx::query(
+        "UPDATE requests SET status = 'COMPLETED', results = ?, completed_at = ?, \
+             progress_percentage = 100, lease_owner = NULL, lease_token = NULL, \
+             lease_expires_at = NULL, history = json_insert(history, '$[#]', json(?)) \
+         WHERE id = ? AND lease_token = ? AND status = 'EXECUTING'",
+    )
+    .bind(to_json(results))
+    .bind(micros(now()))
+    .bind(history_entry(
+        RequestStatus::Completed,
+        Some(&lease.owner),
+        "workflow completed",
+    ))
 }
 
 fn micros(at: DateTime<Utc>) -> i64 {
@@ -325,35 +406,10 @@ where
 impl RequestStore for SqliteStore {
     async fn insert(&self, new: NewRequest, max_attempts: u32) -> Result<InsertOutcome> {
         let id = new.request_id.clone().unwrap_or_else(RequestId::generate);
-        let created_at = now();
-        let history = format!(
-            "[{}]",
-            history_entry(RequestStatus::Pending, None, "submitted")
-        );
-
-        // ON CONFLICT DO NOTHING makes a repeated caller-given id a no-op, atomically,
-        // even when two submits of the same id race.
-        let inserted = sqlx::query(concat!(
-            "INSERT INTO requests (id, project_id, user_id, request_type, priority, \
-             configuration, status, history, max_attempts, created_at, run_after) \
-             VALUES (?, ?, ?, ?, ?, ?, 'PENDING', ?, ?, ?, ?) \
-             ON CONFLICT (id) DO NOTHING RETURNING ",
-            columns!(),
-            ""
-        ))
-        .bind(id.as_str())
-        .bind(&new.project_id)
-        .bind(&new.user_id)
-        .bind(new.request_type.as_str())
-        .bind(new.priority.rank())
-        .bind(to_json(&new.configuration))
-        .bind(history)
-        .bind(i64::from(new.max_attempts.unwrap_or(max_attempts)))
-        .bind(micros(created_at))
-        .bind(micros(new.run_after.unwrap_or(created_at)))
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| Error::store("insert", e))?;
+        let inserted = insert_query(&new, &id, max_attempts, now())
+            .fetch_optional(&self.writer)
+            .await
+            .map_err(|e| Error::store("insert", e))?;
 
         if let Some(row) = inserted {
             return Ok(InsertOutcome::Inserted(request_from_row(&row)?));
@@ -363,6 +419,45 @@ impl RequestStore for SqliteStore {
             // The conflicting row was pruned between the two statements: store it anew.
             None => Box::pin(self.insert(new, max_attempts)).await,
         }
+    }
+
+    async fn insert_many(
+        &self,
+        requests: Vec<NewRequest>,
+        max_attempts: u32,
+    ) -> Result<Vec<InsertOutcome>> {
+        // One transaction, one commit; the statement is prepared once and reused. The
+        // batch shares one creation time, so it is claimed in the order given.
+        let created_at = now();
+        let mut tx = self
+            .writer
+            .begin()
+            .await
+            .map_err(|e| Error::store("insert_many", e))?;
+        let mut inserted = Vec::with_capacity(requests.len());
+        for new in &requests {
+            let id = new.request_id.clone().unwrap_or_else(RequestId::generate);
+            let row = insert_query(new, &id, max_attempts, created_at)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(|e| Error::store("insert_many", e))?;
+            inserted.push((id, row.as_ref().map(request_from_row).transpose()?));
+        }
+        tx.commit()
+            .await
+            .map_err(|e| Error::store("insert_many", e))?;
+
+        let mut outcomes = Vec::with_capacity(inserted.len());
+        for ((id, row), new) in inserted.into_iter().zip(requests) {
+            outcomes.push(match row {
+                Some(request) => InsertOutcome::Inserted(request),
+                None => match self.get(&id).await? {
+                    Some(existing) => InsertOutcome::Existing(existing),
+                    None => self.insert(new, max_attempts).await?,
+                },
+            });
+        }
+        Ok(outcomes)
     }
 
     async fn get(&self, id: &RequestId) -> Result<Option<Request>> {
@@ -468,7 +563,7 @@ impl RequestStore for SqliteStore {
             "claimed",
         ))
         .bind(limit as i64)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.writer)
         .await
         .map_err(|e| Error::store("claim", e))?;
 
@@ -505,7 +600,7 @@ impl RequestStore for SqliteStore {
             "claimed",
         ))
         .bind(id.as_str())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.writer)
         .await
         .map_err(|e| Error::store("claim_request", e))?;
         let Some(row) = row else {
@@ -521,17 +616,8 @@ impl RequestStore for SqliteStore {
     }
 
     async fn mark_executing(&self, lease: &LeaseRef) -> Result<WriteOutcome> {
-        let query = sqlx::query(
-            "UPDATE requests SET status = 'EXECUTING', \
-                 history = json_insert(history, '$[#]', json(?)) \
-             WHERE id = ? AND lease_token = ? AND status = 'PROCESSING'",
-        )
-        .bind(history_entry(
-            RequestStatus::Executing,
-            Some(&lease.owner),
-            "executor started",
-        ));
-        self.fenced_write("mark_executing", query, lease).await
+        self.fenced_write("mark_executing", mark_executing_query(lease), lease)
+            .await
     }
 
     async fn record_progress(&self, lease: &LeaseRef, progress: &Progress) -> Result<WriteOutcome> {
@@ -563,20 +649,42 @@ impl RequestStore for SqliteStore {
     }
 
     async fn complete(&self, lease: &LeaseRef, results: &RequestResults) -> Result<WriteOutcome> {
-        let query = sqlx::query(
-            "UPDATE requests SET status = 'COMPLETED', results = ?, completed_at = ?, \
-                 progress_percentage = 100, lease_owner = NULL, lease_token = NULL, \
-                 lease_expires_at = NULL, history = json_insert(history, '$[#]', json(?)) \
-             WHERE id = ? AND lease_token = ? AND status = 'EXECUTING'",
-        )
-        .bind(to_json(results))
-        .bind(micros(now()))
-        .bind(history_entry(
-            RequestStatus::Completed,
-            Some(&lease.owner),
-            "workflow completed",
-        ));
-        self.fenced_write("complete", query, lease).await
+        self.fenced_write("complete", complete_query(lease, results), lease)
+            .await
+    }
+
+    async fn write_batch(&self, writes: &[FencedWrite]) -> Result<Vec<WriteOutcome>> {
+        let mut tx = self
+            .writer
+            .begin()
+            .await
+            .map_err(|e| Error::store("write_batch", e))?;
+        let mut applied = Vec::with_capacity(writes.len());
+        for write in writes {
+            let lease = write.lease();
+            let query = match write {
+                FencedWrite::MarkExecuting(_) => mark_executing_query(lease),
+                FencedWrite::Complete(_, results) => complete_query(lease, results),
+            };
+            let rows = query
+                .bind(lease.request_id.as_str())
+                .bind(&lease.token)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| Error::store("write_batch", e))?
+                .rows_affected();
+            applied.push(rows);
+        }
+        tx.commit()
+            .await
+            .map_err(|e| Error::store("write_batch", e))?;
+
+        let mut outcomes = Vec::with_capacity(writes.len());
+        for (write, rows) in writes.iter().zip(applied) {
+            let id = &write.lease().request_id;
+            outcomes.push(self.outcome("write_batch", rows, id).await?);
+        }
+        Ok(outcomes)
     }
 
     async fn fail_attempt(
@@ -657,7 +765,7 @@ impl RequestStore for SqliteStore {
             .bind(history_entry(RequestStatus::Cancelled, None, reason))
             .bind(id.as_str())
             .bind(request.status.as_str())
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await
             .map_err(|e| Error::store("cancel", e))?
             .rows_affected();
@@ -713,7 +821,7 @@ impl RequestStore for SqliteStore {
             .bind(&id)
             .bind(&token)
             .bind(micros(at))
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await
             .map_err(|e| Error::store("rescue_expired", e))?
             .rows_affected();
@@ -735,7 +843,7 @@ impl RequestStore for SqliteStore {
              WHERE status IN ('COMPLETED', 'FAILED', 'CANCELLED') AND completed_at < ?",
         )
         .bind(micros(finished_before))
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await
         .map_err(|e| Error::store("prune_finished", e))?
         .rows_affected();

@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::writer::BatchWriter;
 use crate::backoff::BackoffPolicy;
 use crate::error::Result;
 use crate::executor::{ExecutorRegistry, WorkflowContext, WorkflowError, describe};
@@ -57,6 +58,7 @@ enum Wake {
 /// fires when a shutdown's grace period is over and the request must be returned.
 pub(crate) async fn run_attempt(
     store: Arc<dyn RequestStore>,
+    writer: BatchWriter,
     executors: Arc<ExecutorRegistry>,
     request: Request,
     settings: AttemptSettings,
@@ -76,14 +78,16 @@ pub(crate) async fn run_attempt(
         strategy = settings.strategy,
     );
     run_leased(
-        store, executors, request, lease, settings, cancel, hand_back,
+        store, writer, executors, request, lease, settings, cancel, hand_back,
     )
     .instrument(span)
     .await
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_leased(
     store: Arc<dyn RequestStore>,
+    writer: BatchWriter,
     executors: Arc<ExecutorRegistry>,
     request: Request,
     lease: LeaseRef,
@@ -106,7 +110,7 @@ async fn run_leased(
         return record_failure(&*store, &request, &lease, &settings, error, false).await;
     };
 
-    match store.mark_executing(&lease).await {
+    match writer.mark_executing(&lease).await {
         Ok(WriteOutcome::Applied) => {}
         Ok(WriteOutcome::Rejected { current }) => {
             tracing::info!(
@@ -220,7 +224,12 @@ async fn run_leased(
 
     match finished {
         Ok(Ok(results)) => {
-            match write_final(|| store.complete(&lease, &results), settings.lease_duration).await {
+            match write_final(
+                || writer.complete(&lease, &results),
+                settings.lease_duration,
+            )
+            .await
+            {
                 Some(WriteOutcome::Applied) => {
                     metrics::counter!("root_orchestrator_requests_completed_total", &labels)
                         .increment(1);

@@ -15,6 +15,7 @@ mod execution;
 mod queue;
 #[cfg(feature = "table")]
 mod table;
+mod writer;
 
 #[cfg(feature = "queue")]
 pub use queue::{QueueStrategy, ReconcileReport};
@@ -36,6 +37,16 @@ pub trait ProcessingStrategy: Send + Sync + 'static {
 
     /// Stores a validated request as `PENDING` and makes sure a worker will see it.
     async fn submit(&self, request: NewRequest) -> Result<InsertOutcome>;
+
+    /// Stores several validated requests, as [`submit`](Self::submit) would one by one;
+    /// outcomes come back in the order given. The default submits them one at a time.
+    async fn submit_many(&self, requests: Vec<NewRequest>) -> Result<Vec<InsertOutcome>> {
+        let mut outcomes = Vec::with_capacity(requests.len());
+        for request in requests {
+            outcomes.push(self.submit(request).await?);
+        }
+        Ok(outcomes)
+    }
 
     /// The request with this id.
     async fn status(&self, id: &RequestId) -> Result<Option<Request>>;

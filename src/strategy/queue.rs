@@ -16,6 +16,7 @@ use tracing::Instrument;
 
 use super::ProcessingStrategy;
 use super::execution::{AttemptEnd, AttemptSettings, drain_attempts, run_attempt};
+use super::writer::BatchWriter;
 use crate::config::QueueConfig;
 use crate::error::{Error, Result};
 use crate::executor::ExecutorRegistry;
@@ -136,6 +137,8 @@ pub struct QueueStrategy {
 
 struct Inner {
     store: Arc<dyn RequestStore>,
+    /// Group commit for the attempts' writes.
+    writer: BatchWriter,
     queue: Arc<dyn QueueBackend>,
     config: QueueConfig,
     worker_id: String,
@@ -202,6 +205,7 @@ impl QueueStrategy {
         config.validate()?;
         Ok(QueueStrategy {
             inner: Arc::new(Inner {
+                writer: BatchWriter::new(store.clone()),
                 store,
                 queue,
                 config,
@@ -1243,6 +1247,7 @@ impl Inner {
 
         let end = run_attempt(
             self.store.clone(),
+            self.writer.clone(),
             executors,
             request,
             self.attempt_settings(),

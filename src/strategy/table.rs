@@ -11,6 +11,7 @@ use tracing::Instrument;
 
 use super::ProcessingStrategy;
 use super::execution::{AttemptEnd, AttemptSettings, drain_attempts, run_attempt};
+use super::writer::BatchWriter;
 use crate::config::TableConfig;
 use crate::error::Result;
 use crate::executor::ExecutorRegistry;
@@ -49,6 +50,8 @@ pub struct TableStrategy {
 
 struct Inner {
     store: Arc<dyn RequestStore>,
+    /// Group commit for the attempts' writes.
+    writer: BatchWriter,
     config: TableConfig,
     worker_id: String,
     /// Woken by local submits, finished attempts, rescues and due retries.
@@ -87,6 +90,7 @@ impl TableStrategy {
         config.validate()?;
         Ok(TableStrategy {
             inner: Arc::new(Inner {
+                writer: BatchWriter::new(store.clone()),
                 store,
                 config,
                 worker_id: super::worker_id(STRATEGY),
@@ -258,6 +262,30 @@ impl ProcessingStrategy for TableStrategy {
         Ok(outcome)
     }
 
+    async fn submit_many(&self, requests: Vec<NewRequest>) -> Result<Vec<InsertOutcome>> {
+        let outcomes = self
+            .inner
+            .store
+            .insert_many(requests, self.inner.config.default_max_attempts())
+            .await?;
+        let mut inserted = 0;
+        for outcome in &outcomes {
+            if let InsertOutcome::Inserted(request) = outcome {
+                metrics::counter!(
+                    "root_orchestrator_requests_submitted_total",
+                    "strategy" => STRATEGY,
+                    "request_type" => request.request_type.to_string(),
+                )
+                .increment(1);
+                inserted += 1;
+            }
+        }
+        if inserted > 0 {
+            self.inner.wake.notify_one();
+        }
+        Ok(outcomes)
+    }
+
     async fn status(&self, id: &RequestId) -> Result<Option<Request>> {
         self.inner.store.get(id).await
     }
@@ -355,6 +383,7 @@ impl TableStrategy {
                                     let id = request.id.clone();
                                     let end = run_attempt(
                                         inner.store.clone(),
+                                        inner.writer.clone(),
                                         executors,
                                         request,
                                         settings,
