@@ -22,7 +22,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use faults_support::proxy::{Mode, Proxy};
 use faults_support::{
-    WorkerProcess, WorkerSpec, claimed_by, journal, tally, times_in_history, unix_ms, wait_until,
+    WorkerProcess, WorkerSpec, claimed_by, init_logs, journal, tally, times_in_history, unix_ms,
+    wait_until,
 };
 use root_orchestrator::{
     CancellationToken, Configuration, NewRequest, PostgresStore, PostgresStoreOptions, Request,
@@ -427,7 +428,7 @@ async fn wait_ready(orchestrator: &RootOrchestrator, expected: bool, limit: Dura
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_outage_behind_a_proxy_loses_nothing_and_workers_recover_by_themselves() {
-    faults_support::init_logs();
+    init_logs();
     let schema = pg::fresh_schema("ro_fault");
     let direct = pg::connect(&schema, 3).await;
     let (_, upstream) = through(&pg::database_url(), "127.0.0.1:1".parse().unwrap());
