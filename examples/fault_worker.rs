@@ -19,8 +19,9 @@
 //! ```
 //!
 //! Worker settings come from the `ROOT_ORCHESTRATOR_*` variables. On standard output it
-//! prints its UTC offset, then `worker <id> running` once its workers run, and `worker <id> stopped` after a
-//! graceful shutdown; the exit code is 0 then, 1 on any error.
+//! prints its UTC offset (`local offset <seconds>`), then `worker <id> running` once its
+//! workers run, and `worker <id> stopped` after a graceful shutdown; the exit code is 0
+//! then, 1 on any error.
 
 use std::io::Write;
 use std::path::PathBuf;
