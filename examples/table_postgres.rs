@@ -215,9 +215,12 @@ async fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     // it only counts the table as drained once it has seen work, or after a few seconds.
     let started = tokio::time::Instant::now();
     let mut seen_work = args.submit > 0;
+    // SIGTERM (what service managers and `kill` send) stops as gracefully as Ctrl-C.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
+            _ = terminate.recv() => break,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
         if !args.exit_when_drained {

@@ -224,6 +224,16 @@ async fn a_request_of_a_killed_process_is_rescued_by_another_and_completes_once(
     let finished = store.get(&id).await.unwrap().unwrap();
     assert_eq!(finished.status, RequestStatus::Completed);
     assert_eq!(finished.attempts, 2);
+    let completions: Vec<_> = finished
+        .history
+        .iter()
+        .filter(|change| change.status == RequestStatus::Completed)
+        .collect();
+    assert_eq!(completions.len(), 1, "one completion write");
+    assert_ne!(
+        completions[0].worker.as_deref(),
+        Some(doomed_worker.as_str())
+    );
     assert_eq!(finished.errors.len(), 1);
     assert!(
         finished.errors[0].message.contains(&doomed_worker),
