@@ -12,7 +12,8 @@ pub const ENV_PREFIX: &str = "ROOT_ORCHESTRATOR_";
 /// Settings of the table strategy's workers.
 ///
 /// Defaults: polling every 5 s, one request at a time, a heartbeat every 10 s extending a
-/// 60 s lease, finished requests pruned after 24 h, 3 retries after 2 s, 4 s, 8 s ...
+/// 60 s lease, an attempt stopped after 1 h, finished requests pruned after 24 h, 3 retries
+/// after 2 s, 4 s, 8 s ...
 ///
 /// # Examples
 ///
@@ -60,6 +61,13 @@ pub struct TableConfig {
     /// How long a cancelled request's executor may take to stop before it is dropped.
     /// Default 10 s.
     pub cancel_grace_period: Duration,
+    /// How long one attempt may run before it is stopped: its executor is cancelled, given
+    /// `cancel_grace_period` to return, then dropped, and the attempt fails as retryable
+    /// ("execution timed out after ..."). An executor may set its own limit per request
+    /// ([`WorkflowExecutor::timeout`](crate::WorkflowExecutor::timeout)). Without it, an
+    /// executor that never returns would hold its slot for good, since heartbeats keep its
+    /// lease alive. Default 1 h.
+    pub execution_timeout: Duration,
     /// Retries after the first attempt, for requests that do not set their own. Default 3.
     pub max_retries: u32,
     /// Waits between retries. Default 2 s doubling up to 10 min.
@@ -77,6 +85,7 @@ impl Default for TableConfig {
             prune_interval: Duration::from_secs(300),
             shutdown_grace_period: Duration::from_secs(30),
             cancel_grace_period: Duration::from_secs(10),
+            execution_timeout: DEFAULT_EXECUTION_TIMEOUT,
             max_retries: 3,
             backoff: BackoffPolicy::default(),
         }
@@ -131,6 +140,9 @@ const CLEANUP_COMPLETED_AFTER: SecondsRange = SecondsRange::new(1.0, 31_536_000.
 const PRUNE_INTERVAL: SecondsRange = SecondsRange::new(0.01, 86_400.0);
 const GRACE_PERIOD: SecondsRange = SecondsRange::new(0.0, 3600.0);
 const RETRY_DELAY: SecondsRange = SecondsRange::new(0.0, 86_400.0);
+/// Up to a week: longer runs should be split into requests that report their own results.
+const EXECUTION_TIMEOUT: SecondsRange = SecondsRange::new(0.05, 604_800.0);
+const DEFAULT_EXECUTION_TIMEOUT: Duration = Duration::from_secs(3600);
 const MAX_CONCURRENT_REQUESTS: (u64, u64) = (1, 1024);
 const MAX_RETRIES: (u64, u64) = (0, 99);
 
@@ -244,6 +256,7 @@ impl TableConfig {
         PRUNE_INTERVAL.check("prune_interval", self.prune_interval)?;
         GRACE_PERIOD.check("shutdown_grace_period", self.shutdown_grace_period)?;
         GRACE_PERIOD.check("cancel_grace_period", self.cancel_grace_period)?;
+        EXECUTION_TIMEOUT.check("execution_timeout", self.execution_timeout)?;
         check_count("max_retries", u64::from(self.max_retries), MAX_RETRIES)?;
         RETRY_DELAY.check("backoff.base", self.backoff.base)?;
         RETRY_DELAY.check("backoff.max", self.backoff.max)?;
@@ -271,6 +284,7 @@ impl TableConfig {
     /// | `ROOT_ORCHESTRATOR_PRUNE_INTERVAL` | `prune_interval` | seconds, 0.01 to 86400 |
     /// | `ROOT_ORCHESTRATOR_SHUTDOWN_GRACE_PERIOD` | `shutdown_grace_period` | seconds, 0 to 3600 |
     /// | `ROOT_ORCHESTRATOR_CANCEL_GRACE_PERIOD` | `cancel_grace_period` | seconds, 0 to 3600 |
+    /// | `ROOT_ORCHESTRATOR_EXECUTION_TIMEOUT` | `execution_timeout` | 0.05 to 604800 s |
     /// | `ROOT_ORCHESTRATOR_MAX_RETRIES` | `max_retries` | 0 to 99 |
     /// | `ROOT_ORCHESTRATOR_RETRY_DELAY_BASE` | `backoff.base` | seconds, 0 to 86400 |
     /// | `ROOT_ORCHESTRATOR_RETRY_DELAY_MAX` | `backoff.max` | seconds, 0 to 86400 |
@@ -320,6 +334,9 @@ impl TableConfig {
         if let Some((name, raw)) = var("CANCEL_GRACE_PERIOD") {
             config.cancel_grace_period = GRACE_PERIOD.parse(&name, &raw)?;
         }
+        if let Some((name, raw)) = var("EXECUTION_TIMEOUT") {
+            config.execution_timeout = EXECUTION_TIMEOUT.parse(&name, &raw)?;
+        }
         if let Some((name, raw)) = var("MAX_RETRIES") {
             config.max_retries = parse_count(&name, &raw, MAX_RETRIES)? as u32;
         }
@@ -361,8 +378,8 @@ const MAX_WORKERS: (u64, u64) = (1, 1024);
 /// Settings of the queue strategy's consumers.
 ///
 /// Defaults: 5 workers, long polls of 20 s, a 300 s visibility timeout (extended while a
-/// request runs), 3 retries after 2 s, 4 s, 8 s ..., stale `PENDING` requests re-sent after
-/// 10 min, finished requests pruned after 24 h.
+/// request runs), an attempt stopped after 1 h, 3 retries after 2 s, 4 s, 8 s ..., stale
+/// `PENDING` requests re-sent after 10 min, finished requests pruned after 24 h.
 ///
 /// # Examples
 ///
@@ -411,6 +428,13 @@ pub struct QueueConfig {
     /// How long a cancelled request's executor may take to stop before it is dropped.
     /// Default 10 s.
     pub cancel_grace_period: Duration,
+    /// How long one attempt may run before it is stopped: its executor is cancelled, given
+    /// `cancel_grace_period` to return, then dropped, and the attempt fails as retryable
+    /// ("execution timed out after ..."). An executor may set its own limit per request
+    /// ([`WorkflowExecutor::timeout`](crate::WorkflowExecutor::timeout)). Without it, an
+    /// executor that never returns would hold its slot for good, since heartbeats keep its
+    /// lease alive. Default 1 h.
+    pub execution_timeout: Duration,
     /// How often the reconciler looks for `PENDING` requests that no message will deliver
     /// (and for leases lost with their message). Default 60 s.
     pub reconcile_interval: Duration,
@@ -434,6 +458,7 @@ impl Default for QueueConfig {
             backoff: BackoffPolicy::default(),
             shutdown_grace_period: Duration::from_secs(30),
             cancel_grace_period: Duration::from_secs(10),
+            execution_timeout: DEFAULT_EXECUTION_TIMEOUT,
             reconcile_interval: Duration::from_secs(60),
             reconcile_after: Duration::from_secs(600),
             cleanup_completed_after: Duration::from_secs(86_400),
@@ -465,6 +490,7 @@ impl QueueConfig {
         }
         GRACE_PERIOD.check("shutdown_grace_period", self.shutdown_grace_period)?;
         GRACE_PERIOD.check("cancel_grace_period", self.cancel_grace_period)?;
+        EXECUTION_TIMEOUT.check("execution_timeout", self.execution_timeout)?;
         RECONCILE_INTERVAL.check("reconcile_interval", self.reconcile_interval)?;
         RECONCILE_AFTER.check("reconcile_after", self.reconcile_after)?;
         if self.reconcile_after < self.visibility_timeout {
@@ -497,6 +523,7 @@ impl QueueConfig {
     /// | `ROOT_ORCHESTRATOR_RETRY_JITTER` | `backoff.jitter` | fraction, 0 to 1 |
     /// | `ROOT_ORCHESTRATOR_SHUTDOWN_GRACE_PERIOD` | `shutdown_grace_period` | 0 to 3600 s |
     /// | `ROOT_ORCHESTRATOR_CANCEL_GRACE_PERIOD` | `cancel_grace_period` | 0 to 3600 s |
+    /// | `ROOT_ORCHESTRATOR_EXECUTION_TIMEOUT` | `execution_timeout` | 0.05 to 604800 s |
     /// | `ROOT_ORCHESTRATOR_RECONCILE_INTERVAL` | `reconcile_interval` | 0.01 to 86400 s |
     /// | `ROOT_ORCHESTRATOR_RECONCILE_AFTER` | `reconcile_after` | 0.05 to 1209600 s |
     /// | `ROOT_ORCHESTRATOR_CLEANUP_COMPLETED_AFTER` | `cleanup_completed_after` | 1 s to 365 d |
@@ -544,6 +571,9 @@ impl QueueConfig {
         }
         if let Some((name, raw)) = var("CANCEL_GRACE_PERIOD") {
             config.cancel_grace_period = GRACE_PERIOD.parse(&name, &raw)?;
+        }
+        if let Some((name, raw)) = var("EXECUTION_TIMEOUT") {
+            config.execution_timeout = EXECUTION_TIMEOUT.parse(&name, &raw)?;
         }
         if let Some((name, raw)) = var("RECONCILE_INTERVAL") {
             config.reconcile_interval = RECONCILE_INTERVAL.parse(&name, &raw)?;
@@ -601,6 +631,7 @@ mod tests {
         assert_eq!(config.max_concurrent_requests, 1);
         assert_eq!(config.status_update_interval, Duration::from_secs(10));
         assert_eq!(config.cleanup_completed_after, Duration::from_secs(86_400));
+        assert_eq!(config.execution_timeout, Duration::from_secs(3600));
         assert_eq!(config.default_max_attempts(), 4);
         config.validate().unwrap();
     }
@@ -611,8 +642,10 @@ mod tests {
             ("ROOT_ORCHESTRATOR_POLLING_INTERVAL", "0.5"),
             ("ROOT_ORCHESTRATOR_MAX_RETRIES", "0"),
             ("ROOT_ORCHESTRATOR_RETRY_DELAY_BASE", "1"),
+            ("ROOT_ORCHESTRATOR_EXECUTION_TIMEOUT", "90.5"),
         ]))
         .unwrap();
+        assert_eq!(config.execution_timeout, Duration::from_millis(90_500));
         assert_eq!(config.polling_interval, Duration::from_millis(500));
         assert_eq!(config.max_retries, 0);
         assert_eq!(config.backoff.base, Duration::from_secs(1));
@@ -637,6 +670,16 @@ mod tests {
                 "from 0.01 to 3600",
             ),
             ("ROOT_ORCHESTRATOR_MAX_RETRIES", "100", "from 0 to 99"),
+            (
+                "ROOT_ORCHESTRATOR_EXECUTION_TIMEOUT",
+                "0",
+                "from 0.05 to 604800",
+            ),
+            (
+                "ROOT_ORCHESTRATOR_EXECUTION_TIMEOUT",
+                "1h",
+                "from 0.05 to 604800",
+            ),
         ];
         for &(variable, value, range) in cases {
             let pairs: &'static [(&'static str, &'static str)] =
@@ -684,6 +727,26 @@ mod tests {
     }
 
     #[test]
+    fn an_execution_timeout_out_of_range_set_in_code_is_refused_by_name() {
+        let table = TableConfig {
+            execution_timeout: Duration::ZERO,
+            ..TableConfig::default()
+        };
+        let err = table.validate().unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidConfig { ref name, .. } if name == "execution_timeout")
+        );
+        let queue = QueueConfig {
+            execution_timeout: Duration::from_secs(8 * 86_400),
+            ..QueueConfig::default()
+        };
+        let err = queue.validate().unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidConfig { ref name, .. } if name == "execution_timeout")
+        );
+    }
+
+    #[test]
     fn a_lease_shorter_than_two_heartbeats_is_refused() {
         let config = TableConfig {
             lease_duration: Duration::from_secs(15),
@@ -708,6 +771,7 @@ mod queue_config_tests {
         assert_eq!(config.long_polling_wait_time, Duration::from_secs(20));
         assert_eq!(config.default_max_attempts(), 4);
         assert_eq!(config.heartbeat_interval(), Duration::from_secs(100));
+        assert_eq!(config.execution_timeout, Duration::from_secs(3600));
         config.validate().unwrap();
     }
 
@@ -720,6 +784,7 @@ mod queue_config_tests {
                 "ROOT_ORCHESTRATOR_LONG_POLLING_WAIT_TIME" => "0",
                 "ROOT_ORCHESTRATOR_RETRY_DELAY_BASE" => "1",
                 "ROOT_ORCHESTRATOR_RECONCILE_AFTER" => "90",
+                "ROOT_ORCHESTRATOR_EXECUTION_TIMEOUT" => "7200",
                 _ => return None,
             };
             Some(value.to_owned())
@@ -730,6 +795,7 @@ mod queue_config_tests {
         assert_eq!(config.long_polling_wait_time, Duration::ZERO);
         assert_eq!(config.backoff.base, Duration::from_secs(1));
         assert_eq!(config.reconcile_after, Duration::from_secs(90));
+        assert_eq!(config.execution_timeout, Duration::from_secs(7200));
     }
 
     #[test]
@@ -752,6 +818,11 @@ mod queue_config_tests {
                 "from 0 to 43200",
             ),
             ("ROOT_ORCHESTRATOR_MAX_RETRIES", "-1", "from 0 to 99"),
+            (
+                "ROOT_ORCHESTRATOR_EXECUTION_TIMEOUT",
+                "604801",
+                "from 0.05 to 604800",
+            ),
         ];
         for (variable, value, range) in cases {
             match QueueConfig::from_lookup(|name| (name == variable).then(|| value.to_owned())) {

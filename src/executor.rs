@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
@@ -134,6 +135,45 @@ pub trait WorkflowExecutor: Send + Sync + 'static {
     /// [`WorkflowError::is_retryable`].
     fn should_retry(&self, error: &WorkflowError) -> bool {
         error.is_retryable()
+    }
+
+    /// How long one attempt at `request` may run, overriding the strategy's
+    /// `execution_timeout`; `None` (the default) keeps the strategy's. When the time is up
+    /// the context is cancelled, the executor gets the strategy's `cancel_grace_period` to
+    /// return, and the attempt fails as retryable whatever it returns.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use async_trait::async_trait;
+    /// use root_orchestrator::{
+    ///     ExtractionMode, Request, RequestResults, WorkflowContext, WorkflowError,
+    ///     WorkflowExecutor,
+    /// };
+    ///
+    /// struct Scan;
+    ///
+    /// #[async_trait]
+    /// impl WorkflowExecutor for Scan {
+    ///     async fn execute(
+    ///         &self,
+    ///         _request: &Request,
+    ///         _ctx: &WorkflowContext,
+    ///     ) -> Result<RequestResults, WorkflowError> {
+    ///         Ok(RequestResults::new(None, serde_json::json!({})))
+    ///     }
+    ///
+    ///     // A summary scan is quick; anything slower than a minute is stuck.
+    ///     fn timeout(&self, request: &Request) -> Option<Duration> {
+    ///         (request.configuration.extraction_mode == ExtractionMode::Summary)
+    ///             .then(|| Duration::from_secs(60))
+    ///     }
+    /// }
+    /// ```
+    fn timeout(&self, request: &Request) -> Option<Duration> {
+        let _ = request;
+        None
     }
 }
 

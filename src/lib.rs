@@ -31,7 +31,12 @@
 //! # Guarantees
 //!
 //! - A request is stored before submit returns; invalid input is refused with the field
-//!   named and nothing stored; a caller-given id makes submit idempotent.
+//!   named and nothing stored; a caller-given id makes submit idempotent. Unknown fields
+//!   are refused wherever JSON input enters (`submit_json`, the HTTP body, queue messages,
+//!   the model's types read with serde), so a misspelt field never falls back to its
+//!   default in silence; only `custom_params` is free-form.
+//! - An attempt runs at most `execution_timeout` (or the executor's own
+//!   [`WorkflowExecutor::timeout`]) plus `cancel_grace_period`; then it fails as retryable.
 //! - Each claim hands out a fresh lease token; every later write of that attempt must
 //!   present it, so a cancelled, rescued or re-claimed request never takes a stale write.
 //!   Results are stored in the same write as `COMPLETED`, exactly once.

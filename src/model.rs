@@ -707,6 +707,7 @@ impl Request {
 /// # Ok::<(), root_orchestrator::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct NewRequest {
     /// A caller-chosen id; submitting the same id twice returns the first request.
@@ -808,8 +809,21 @@ impl NewRequest {
     }
 }
 
-/// The `metadata` block of a [`RequestMessage`].
+/// A JSON path as errors name fields: `.` for the whole document. An empty key renders as
+/// nothing, which would leave the path empty or ending in a dot; the enclosing object is
+/// named instead, so that an error always points somewhere.
+pub(crate) fn field_path(path: &serde_path_to_error::Path) -> String {
+    let text = path.to_string();
+    match text.trim_end_matches('.') {
+        "" => ".".to_owned(),
+        trimmed => trimmed.to_owned(),
+    }
+}
+
+/// The `metadata` block of a [`RequestMessage`]. Unknown fields are refused, as everywhere
+/// in the wire shape: a misspelt `max_retries` must not quietly become the default.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MessageMetadata {
     /// When the producer submitted the request.
     pub submitted_at: DateTime<Utc>,
@@ -894,7 +908,7 @@ impl RequestMessage {
         }
         let mut deserializer = serde_json::Deserializer::from_str(body);
         let message = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
-            let path = err.path().to_string();
+            let path = field_path(err.path());
             let problem = err.into_inner().to_string();
             Error::invalid(path, problem)
         })?;
@@ -1084,6 +1098,39 @@ mod tests {
             RequestMessage::from_json(&typo),
             Err(Error::InvalidRequest { ref field, .. }) if field.starts_with("configuration")
         ));
+
+        let in_metadata = good.replace(
+            "\"configuration\"",
+            "\"metadata\":{\"submitted_at\":\"2026-01-01T00:00:00Z\",\"max_retires\":9},\
+             \"configuration\"",
+        );
+        let err = RequestMessage::from_json(&in_metadata).unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidRequest { ref field, ref problem }
+                if field.starts_with("metadata") && problem.contains("max_retires")),
+            "{err}"
+        );
+        let new_request = r#"{"request_id":null,"project_id":"p","user_id":"u",
+            "request_type":"t","priority":"low","max_attempts":null,"run_after":null,
+            "configuration":{"keywords":["x"]}}"#;
+        assert!(serde_json::from_str::<NewRequest>(new_request).is_ok());
+        let extra = new_request.replace("\"priority\"", "\"owner\":\"x\",\"priority\"");
+        let err = serde_json::from_str::<NewRequest>(&extra).unwrap_err();
+        assert!(err.to_string().contains("owner"), "{err}");
+
+        for (body, named) in [
+            (good.replacen('{', "{\"\":1,", 1), "."),
+            (
+                good.replace("\"keywords\"", "\"\":1,\"keywords\""),
+                "configuration",
+            ),
+        ] {
+            let err = RequestMessage::from_json(&body).unwrap_err();
+            assert!(
+                matches!(err, Error::InvalidRequest { ref field, .. } if field == named),
+                "{err}"
+            );
+        }
 
         assert!(RequestMessage::from_json(&format!("{good} trailing")).is_err());
         let positional = r#"["id-1","p","u","t","low",{"keywords":["x"]}]"#;

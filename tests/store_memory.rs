@@ -27,6 +27,10 @@ impl conformance::Harness for MemoryHarness {
     fn property_cases(&self) -> u32 {
         256
     }
+
+    fn concurrent_cases(&self) -> u32 {
+        128
+    }
 }
 
 fn memory() -> MemoryHarness {

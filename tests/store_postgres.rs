@@ -44,6 +44,10 @@ impl conformance::Harness for PostgresHarness {
     fn property_cases(&self) -> u32 {
         24
     }
+
+    fn concurrent_cases(&self) -> u32 {
+        12
+    }
 }
 
 fn postgres() -> PostgresHarness {

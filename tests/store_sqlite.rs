@@ -36,6 +36,10 @@ impl conformance::Harness for SqliteHarness {
     fn property_cases(&self) -> u32 {
         48
     }
+
+    fn concurrent_cases(&self) -> u32 {
+        32
+    }
 }
 
 fn sqlite() -> SqliteHarness {

@@ -364,9 +364,9 @@ pub(crate) struct SourceDoc {
     source_type: String,
 }
 
-/// Submission time and retry budget of a request in the wire shape. Other fields are
-/// ignored.
+/// Submission time and retry budget of a request in the wire shape.
 #[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 #[allow(dead_code)]
 pub(crate) struct MessageMetadataDoc {
     /// When the producer submitted the request.

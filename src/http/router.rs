@@ -185,7 +185,7 @@ fn read_submission(
         .or_insert_with(|| principal.user_id.clone().into());
 
     let message: RequestMessage = serde_path_to_error::deserialize(value).map_err(|err| {
-        let mut field = err.path().to_string();
+        let mut field = crate::model::field_path(err.path());
         let problem = err.into_inner().to_string();
         // serde names a missing field in its message and the object holding it in the
         // path; the field's own path is what a client needs.

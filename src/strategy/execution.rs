@@ -26,6 +26,8 @@ pub(crate) struct AttemptSettings {
     pub heartbeat_interval: Duration,
     pub lease_duration: Duration,
     pub cancel_grace_period: Duration,
+    /// How long an attempt may run when its executor does not set its own limit.
+    pub execution_timeout: Duration,
     pub backoff: BackoffPolicy,
 }
 
@@ -50,6 +52,8 @@ enum Wake {
     Finished(std::result::Result<std::result::Result<RequestResults, WorkflowError>, String>),
     Cancelled,
     HandBack,
+    /// The attempt ran past its execution timeout.
+    TimedOut,
 }
 
 /// Runs one claimed attempt to its end.
@@ -147,6 +151,11 @@ async fn run_leased(
         settings.heartbeat_interval,
     );
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let limit = executor
+        .timeout(&request)
+        .unwrap_or(settings.execution_timeout);
+    let deadline = tokio::time::sleep_until(started + limit);
+    tokio::pin!(deadline);
 
     let wake = loop {
         tokio::select! {
@@ -156,6 +165,7 @@ async fn run_leased(
             joined = &mut task => break Wake::Finished(joined.map_err(panic_message)),
             _ = cancel.cancelled() => break Wake::Cancelled,
             _ = hand_back.cancelled() => break Wake::HandBack,
+            _ = &mut deadline => break Wake::TimedOut,
             _ = heartbeat.tick() => {
                 match store.extend_lease(&lease, settings.lease_duration).await {
                     Ok(WriteOutcome::Applied) => {}
@@ -180,6 +190,28 @@ async fn run_leased(
             cancel.cancel();
             task.abort();
             return hand_back_request(&*store, &lease).await;
+        }
+        Wake::TimedOut => {
+            // Whatever the executor returns once told to stop is not kept: the attempt
+            // failed by running too long, and a retry may fare better.
+            cancel.cancel();
+            if tokio::time::timeout(settings.cancel_grace_period, &mut task)
+                .await
+                .is_err()
+            {
+                task.abort();
+                tracing::info!("executor ignored the timeout's cancel; dropping it");
+                tokio::select! {
+                    _ = &mut task => {}
+                    _ = hand_back.cancelled() => {
+                        tracing::warn!("executor still running at shutdown; left behind");
+                    }
+                }
+            }
+            let error = WorkflowError::retryable(format!("execution timed out after {limit:?}"));
+            let worth_retrying = executor.should_retry(&error);
+            return record_failure(&*store, &request, &lease, &settings, error, worth_retrying)
+                .await;
         }
         Wake::Cancelled => {
             // Give a cooperative executor the chance to stop cleanly; drop one that

@@ -382,6 +382,7 @@ impl Inner {
             // the lease expired and can take the request over.
             lease_duration: self.config.visibility_timeout,
             cancel_grace_period: self.config.cancel_grace_period,
+            execution_timeout: self.config.execution_timeout,
             backoff: self.config.backoff,
         }
     }

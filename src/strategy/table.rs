@@ -118,6 +118,7 @@ impl TableStrategy {
             heartbeat_interval: config.status_update_interval,
             lease_duration: config.lease_duration,
             cancel_grace_period: config.cancel_grace_period,
+            execution_timeout: config.execution_timeout,
             backoff: config.backoff,
         }
     }

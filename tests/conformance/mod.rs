@@ -37,6 +37,11 @@ pub trait Harness: Send + Sync + 'static {
     fn property_cases(&self) -> u32 {
         64
     }
+
+    /// Cases for the concurrent-actors property test (fewer for slow backends).
+    fn concurrent_cases(&self) -> u32 {
+        16
+    }
 }
 
 /// Expands to one test per behaviour, each with a fresh harness from `$make`.
@@ -70,6 +75,11 @@ macro_rules! store_suite {
         #[test]
         fn random_interleavings_keep_the_state_machine() {
             conformance::random_interleavings_keep_the_state_machine(|| $make);
+        }
+
+        #[test]
+        fn concurrent_actors_keep_the_invariants() {
+            conformance::concurrent_actors_keep_the_invariants(|| $make);
         }
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {
@@ -1207,4 +1217,330 @@ async fn check_interleaving(h: &impl Harness, ops: &[Op]) {
     drop(store);
     h.close_all().await;
     h.finish().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Concurrent actors against one store, watched by an observer that reads while they run.
+
+/// How long a claim or a heartbeat makes a lease last.
+#[derive(Debug, Clone, Copy)]
+enum LeaseLength {
+    /// Expired at once: the next rescue takes it.
+    Lapsed,
+    /// Long enough to race a rescue now and then.
+    Short,
+    Long,
+}
+
+impl LeaseLength {
+    fn duration(self) -> Duration {
+        match self {
+            LeaseLength::Lapsed => Duration::ZERO,
+            LeaseLength::Short => Duration::from_millis(15),
+            LeaseLength::Long => LONG,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum ActorOp {
+    Claim { length: LeaseLength },
+    ClaimRequest { request: usize, length: LeaseLength },
+    MarkExecuting { lease: usize },
+    Heartbeat { lease: usize, length: LeaseLength },
+    Progress { lease: usize, percentage: u8 },
+    Complete { lease: usize },
+    Fail { lease: usize, retry: bool },
+    Cancel { request: usize },
+    Rescue,
+    Pause { micros: u16 },
+}
+
+fn actor_op_strategy() -> impl proptest::strategy::Strategy<Value = ActorOp> {
+    use proptest::prelude::*;
+    let length = prop_oneof![
+        Just(LeaseLength::Lapsed),
+        Just(LeaseLength::Short),
+        Just(LeaseLength::Long),
+    ];
+    prop_oneof![
+        3 => length.clone().prop_map(|length| ActorOp::Claim { length }),
+        1 => (0usize..6, length.clone())
+            .prop_map(|(request, length)| ActorOp::ClaimRequest { request, length }),
+        3 => (0usize..12).prop_map(|lease| ActorOp::MarkExecuting { lease }),
+        2 => (0usize..12, length).prop_map(|(lease, length)| ActorOp::Heartbeat { lease, length }),
+        3 => (0usize..12, 0u8..=100)
+            .prop_map(|(lease, percentage)| ActorOp::Progress { lease, percentage }),
+        2 => (0usize..12).prop_map(|lease| ActorOp::Complete { lease }),
+        2 => (0usize..12, any::<bool>()).prop_map(|(lease, retry)| ActorOp::Fail { lease, retry }),
+        1 => (0usize..6).prop_map(|request| ActorOp::Cancel { request }),
+        2 => Just(ActorOp::Rescue),
+        1 => (0u16..2000).prop_map(|micros| ActorOp::Pause { micros }),
+    ]
+}
+
+/// A write that made a request terminal, as the actor that made it saw it.
+#[derive(Debug, Clone)]
+struct TerminalWrite {
+    request_id: RequestId,
+    status: RequestStatus,
+    by: String,
+}
+
+/// 2 or 3 actors, each a real task issuing its random operations against one store at the
+/// same time: claims, heartbeats, progress, completions, failures, cancels, rescues, and
+/// writes under leases that other actors hold or that went stale long ago. An observer
+/// reads every request throughout. Checked: no request leaves a terminal status; attempts
+/// never go down; progress never goes down within an attempt; every terminal status is
+/// entered by exactly one write (the actors' applied writes and the history agree); the
+/// final records are consistent (lease exactly while in flight, results exactly when
+/// completed, every history step in the transition table).
+pub fn concurrent_actors_keep_the_invariants<H: Harness>(make: impl Fn() -> H) {
+    use proptest::test_runner::{Config, TestRunner};
+
+    let cases = make().concurrent_cases();
+    let mut runner = TestRunner::new(Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(3)
+        .enable_all()
+        .build()
+        .unwrap();
+    let actors =
+        proptest::collection::vec(proptest::collection::vec(actor_op_strategy(), 1..24), 2..=3);
+    runner
+        .run(&(2usize..6, actors), |(requests, actors)| {
+            let harness = make();
+            runtime.block_on(check_concurrent_actors(&harness, requests, actors));
+            Ok(())
+        })
+        .unwrap();
+}
+
+async fn check_concurrent_actors(h: &impl Harness, requests: usize, actors: Vec<Vec<ActorOp>>) {
+    let store = h.open().await;
+    let mut ids = Vec::new();
+    for i in 0..requests {
+        let request = new_request(&format!("c-{i}"), Priority::Medium).with_max_attempts(3);
+        ids.push(store.insert(request, 3).await.unwrap().into_request().id);
+    }
+    let ids = Arc::new(ids);
+    let leases: Arc<std::sync::Mutex<Vec<LeaseRef>>> = Arc::default();
+    let terminal_writes: Arc<std::sync::Mutex<Vec<TerminalWrite>>> = Arc::default();
+    let stop_observing = root_orchestrator::CancellationToken::new();
+
+    let observer = tokio::spawn(observe(store.clone(), ids.clone(), stop_observing.clone()));
+    let tasks: Vec<_> = actors
+        .into_iter()
+        .enumerate()
+        .map(|(n, ops)| {
+            tokio::spawn(run_actor(
+                format!("actor-{n}"),
+                ops,
+                store.clone(),
+                ids.clone(),
+                leases.clone(),
+                terminal_writes.clone(),
+            ))
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("an actor panicked");
+    }
+    stop_observing.cancel();
+    let reads = observer.await.expect("the observer found a violation");
+    assert!(reads >= 1);
+
+    let writes = terminal_writes.lock().unwrap().clone();
+    for id in ids.iter() {
+        let r = store.get(id).await.unwrap().unwrap();
+        let terminal_entries: Vec<_> = r
+            .history
+            .iter()
+            .filter(|c| c.status.is_terminal())
+            .map(|c| c.status)
+            .collect();
+        let mine: Vec<_> = writes.iter().filter(|w| w.request_id == *id).collect();
+        assert!(
+            mine.len() <= 1,
+            "{id}: several writes made it terminal: {mine:?}"
+        );
+        if let Some(write) = mine.first() {
+            assert_eq!(r.status, write.status, "{id}: {write:?} was overwritten");
+        }
+        if r.status.is_terminal() {
+            assert_eq!(terminal_entries, [r.status], "{id}: {:?}", r.history);
+        } else {
+            assert!(terminal_entries.is_empty(), "{id}: {:?}", r.history);
+        }
+        assert_eq!(r.lease.is_some(), r.status.is_in_flight(), "{id}: lease");
+        assert_eq!(
+            r.results.is_some(),
+            r.status == RequestStatus::Completed,
+            "{id}: results"
+        );
+        assert!(
+            r.attempts <= r.max_attempts,
+            "{id}: attempts over the limit"
+        );
+        assert_eq!(r.history.last().map(|c| c.status), Some(r.status));
+        for pair in r.history.windows(2) {
+            assert!(
+                pair[0].status.can_transition_to(pair[1].status),
+                "{id}: {} -> {}",
+                pair[0].status,
+                pair[1].status
+            );
+        }
+    }
+    drop(store);
+    h.close_all().await;
+    h.finish().await;
+}
+
+async fn run_actor(
+    name: String,
+    ops: Vec<ActorOp>,
+    store: Arc<dyn RequestStore>,
+    ids: Arc<Vec<RequestId>>,
+    leases: Arc<std::sync::Mutex<Vec<LeaseRef>>>,
+    terminal_writes: Arc<std::sync::Mutex<Vec<TerminalWrite>>>,
+) {
+    // Any lease any actor ever held: current ones, other actors' ones, stale ones.
+    let pick = |i: usize| {
+        let leases = leases.lock().unwrap();
+        (!leases.is_empty()).then(|| leases[i % leases.len()].clone())
+    };
+    let record = |request_id: &RequestId, status: RequestStatus| {
+        terminal_writes.lock().unwrap().push(TerminalWrite {
+            request_id: request_id.clone(),
+            status,
+            by: name.clone(),
+        });
+    };
+    for op in ops {
+        match op {
+            ActorOp::Claim { length } => {
+                for r in store.claim(&name, 1, length.duration()).await.unwrap() {
+                    assert_eq!(r.status, RequestStatus::Processing);
+                    leases.lock().unwrap().push(LeaseRef::of(&r).unwrap());
+                }
+            }
+            ActorOp::ClaimRequest { request, length } => {
+                let id = &ids[request % ids.len()];
+                if let Some(r) = store
+                    .claim_request(id, &name, length.duration())
+                    .await
+                    .unwrap()
+                {
+                    assert_eq!(r.status, RequestStatus::Processing);
+                    leases.lock().unwrap().push(LeaseRef::of(&r).unwrap());
+                }
+            }
+            ActorOp::MarkExecuting { lease } => {
+                if let Some(lease) = pick(lease) {
+                    let _ = store.mark_executing(&lease).await.unwrap();
+                }
+            }
+            ActorOp::Heartbeat { lease, length } => {
+                if let Some(lease) = pick(lease) {
+                    let _ = store.extend_lease(&lease, length.duration()).await.unwrap();
+                }
+            }
+            ActorOp::Progress { lease, percentage } => {
+                if let Some(lease) = pick(lease) {
+                    let progress = Progress::at_stage("concurrent", percentage);
+                    let _ = store.record_progress(&lease, &progress).await.unwrap();
+                }
+            }
+            ActorOp::Complete { lease } => {
+                if let Some(lease) = pick(lease)
+                    && store
+                        .complete(&lease, &results())
+                        .await
+                        .unwrap()
+                        .is_applied()
+                {
+                    record(&lease.request_id, RequestStatus::Completed);
+                }
+            }
+            ActorOp::Fail { lease, retry } => {
+                if let Some(lease) = pick(lease) {
+                    // Without a retry time the failure is final; with one it may be too
+                    // (attempts spent), which only the record can tell, so only the first
+                    // kind is counted as a terminal write.
+                    let retry_at = retry.then(Utc::now);
+                    let applied = store
+                        .fail_attempt(&lease, &attempt_error(1), retry_at)
+                        .await
+                        .unwrap()
+                        .is_applied();
+                    if applied && !retry {
+                        record(&lease.request_id, RequestStatus::Failed);
+                    }
+                }
+            }
+            ActorOp::Cancel { request } => {
+                let id = &ids[request % ids.len()];
+                if let CancelOutcome::Cancelled { .. } = store.cancel(id, "x").await.unwrap() {
+                    record(id, RequestStatus::Cancelled);
+                }
+            }
+            ActorOp::Rescue => {
+                for r in store.rescue_expired().await.unwrap() {
+                    if r.status == RequestStatus::Failed {
+                        record(&r.request_id, RequestStatus::Failed);
+                    }
+                }
+            }
+            ActorOp::Pause { micros } => {
+                tokio::time::sleep(Duration::from_micros(u64::from(micros))).await;
+            }
+        }
+    }
+}
+
+/// Reads every request until `stop`, then once more; panics on a violation. Returns how
+/// many rounds of reads it made.
+async fn observe(
+    store: Arc<dyn RequestStore>,
+    ids: Arc<Vec<RequestId>>,
+    stop: root_orchestrator::CancellationToken,
+) -> usize {
+    // Per request: the last status, attempts and percentage seen.
+    let mut seen: HashMap<RequestId, (RequestStatus, u32, u8)> = HashMap::new();
+    let mut rounds = 0;
+    loop {
+        let last_round = stop.is_cancelled();
+        for id in ids.iter() {
+            let r = store.get(id).await.unwrap().unwrap();
+            let now = (r.status, r.attempts, r.progress.percentage);
+            if let Some(&(status, attempts, percentage)) = seen.get(id) {
+                if status.is_terminal() {
+                    assert_eq!(r.status, status, "{id} left {status}");
+                }
+                assert!(
+                    r.attempts >= attempts,
+                    "{id}: attempts went from {attempts} to {}",
+                    r.attempts
+                );
+                if r.attempts == attempts {
+                    assert!(
+                        r.progress.percentage >= percentage,
+                        "{id}: progress went from {percentage} to {} in attempt {attempts}",
+                        r.progress.percentage
+                    );
+                }
+            }
+            seen.insert(id.clone(), now);
+        }
+        rounds += 1;
+        if last_round {
+            return rounds;
+        }
+        tokio::task::yield_now().await;
+    }
 }
