@@ -189,7 +189,7 @@ impl RootOrchestrator {
     /// assert!(matches!(outcomes[0], InsertOutcome::Inserted(_)));
     /// # Ok::<(), Error>(())
     /// # })?;
-    /// # Ok::<(), Error>(())
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub async fn submit_many(
         &self,
