@@ -14,6 +14,11 @@ use crate::model::{Progress, Request, RequestId, RequestResults, RequestType};
 use crate::status::RequestStatus;
 use crate::store::{LeaseRef, RequestStore, WriteOutcome};
 
+/// The outcome of the write that marks an attempt's request `EXECUTING`, awaitable by
+/// everyone who must come after it (`None`: the store could not be reached).
+pub(crate) type StartedWrite =
+    futures::future::Shared<futures::future::BoxFuture<'static, Option<WriteOutcome>>>;
+
 /// Why a workflow attempt failed, and whether another attempt may succeed.
 ///
 /// # Examples
@@ -184,6 +189,8 @@ enum ProgressSink {
     Store {
         store: Arc<dyn RequestStore>,
         lease: LeaseRef,
+        /// The write that marks the request `EXECUTING`, which progress must follow.
+        started: StartedWrite,
     },
     /// Kept in memory, for testing executors without a store.
     Detached(Arc<Mutex<Vec<Progress>>>),
@@ -216,6 +223,7 @@ impl WorkflowContext {
     pub(crate) fn for_lease(
         store: Arc<dyn RequestStore>,
         lease: LeaseRef,
+        started: StartedWrite,
         attempt: u32,
         cancel: CancellationToken,
     ) -> Self {
@@ -224,7 +232,11 @@ impl WorkflowContext {
             attempt,
             worker: lease.owner.clone(),
             cancel,
-            sink: ProgressSink::Store { store, lease },
+            sink: ProgressSink::Store {
+                store,
+                lease,
+                started,
+            },
             highest_percentage: Arc::new(Mutex::new(0)),
         }
     }
@@ -315,8 +327,26 @@ impl WorkflowContext {
                 log.lock().unwrap_or_else(|p| p.into_inner()).push(progress);
                 Ok(())
             }
-            ProgressSink::Store { store, lease } => {
-                match store.record_progress(lease, &progress).await {
+            ProgressSink::Store {
+                store,
+                lease,
+                started,
+            } => {
+                // A progress write may only follow the write that marks the request
+                // EXECUTING, which runs beside the executor's first steps.
+                let marked = match started.clone().await {
+                    Some(WriteOutcome::Applied) => Ok(WriteOutcome::Applied),
+                    Some(refused) => Ok(refused),
+                    None => Err(Error::store(
+                        "record_progress",
+                        "the request could not be marked executing",
+                    )),
+                };
+                let written = match marked {
+                    Ok(WriteOutcome::Applied) => store.record_progress(lease, &progress).await,
+                    other => other,
+                };
+                match written {
                     Ok(WriteOutcome::Applied) => Ok(()),
                     Ok(WriteOutcome::Rejected { current }) => {
                         self.cancel.cancel();

@@ -9,7 +9,7 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow}
 use sqlx::{Row, migrate::Migrator};
 use tokio::sync::mpsc;
 
-use super::row::{StoredRow, history_entry, to_json, unreadable};
+use super::row::{BatchRow, BatchRows, StoredRow, history_entry, to_json, unreadable};
 use super::{
     CancelOutcome, FencedWrite, InsertOutcome, LeaseRef, ListFilter, RequestPage, RequestStore,
     RescuedRequest, StoreEvent, StoreEvents, WriteOutcome, expired_lease_error,
@@ -337,6 +337,58 @@ fn complete_query(lease: &LeaseRef, results: &RequestResults) -> PgQuery<'static
         Some(&lease.owner),
         "workflow completed",
     ))
+}
+
+/// Applies a batch's writes as one statement per kind, over arrays; returns the ids whose
+/// write applied.
+async fn apply_batch(
+    conn: &mut sqlx::PgConnection,
+    rows: &BatchRows,
+) -> std::result::Result<std::collections::HashSet<String>, sqlx::Error> {
+    fn column<'r>(rows: &'r [BatchRow], field: fn(&'r BatchRow) -> &'r str) -> Vec<&'r str> {
+        rows.iter().map(field).collect()
+    }
+
+    let mut applied = std::collections::HashSet::new();
+    if !rows.executing.is_empty() {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "UPDATE requests SET status = 'EXECUTING', \
+                 history = history || jsonb_build_array(batch.entry::jsonb) \
+             FROM UNNEST($1::text[], $2::text[], $3::text[]) AS batch(id, token, entry) \
+             WHERE requests.id = batch.id AND requests.lease_token = batch.token \
+                 AND requests.status = 'PROCESSING' \
+             RETURNING requests.id",
+        )
+        .bind(column(&rows.executing, |r| &r.id))
+        .bind(column(&rows.executing, |r| &r.token))
+        .bind(column(&rows.executing, |r| &r.entry))
+        .fetch_all(&mut *conn)
+        .await?;
+        applied.extend(ids);
+    }
+    if !rows.completing.is_empty() {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "UPDATE requests SET status = 'COMPLETED', results = batch.results::jsonb, \
+                 completed_at = now(), progress_percentage = 100, lease_owner = NULL, \
+                 lease_token = NULL, lease_expires_at = NULL, \
+                 history = history || jsonb_build_array(batch.entry::jsonb) \
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) \
+                 AS batch(id, token, entry, results) \
+             WHERE requests.id = batch.id AND requests.lease_token = batch.token \
+                 AND requests.status = 'EXECUTING' \
+             RETURNING requests.id",
+        )
+        .bind(column(&rows.completing, |r| &r.id))
+        .bind(column(&rows.completing, |r| &r.token))
+        .bind(column(&rows.completing, |r| &r.entry))
+        .bind(column(&rows.completing, |r| {
+            r.results.as_deref().unwrap_or("null")
+        }))
+        .fetch_all(&mut *conn)
+        .await?;
+        applied.extend(ids);
+    }
+    Ok(applied)
 }
 
 fn seconds(duration: Duration) -> f64 {
@@ -699,34 +751,22 @@ impl RequestStore for PostgresStore {
     }
 
     async fn write_batch(&self, writes: &[FencedWrite]) -> Result<Vec<WriteOutcome>> {
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(|e| Error::store("write_batch", e))?;
-        let mut applied = Vec::with_capacity(writes.len());
-        for write in writes {
-            let lease = write.lease();
-            let query = match write {
-                FencedWrite::MarkExecuting(_) => mark_executing_query(lease),
-                FencedWrite::Complete(_, results) => complete_query(lease, results),
-            };
-            let rows = query
-                .bind(lease.request_id.as_str())
-                .bind(&lease.token)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| Error::store("write_batch", e))?
-                .rows_affected();
-            applied.push(rows);
-        }
-        tx.commit()
-            .await
-            .map_err(|e| Error::store("write_batch", e))?;
+        let rows = BatchRows::of(writes);
+        let fail = |e| Error::store("write_batch", e);
+        let applied = if rows.is_mixed() {
+            let mut tx = self.pool.begin().await.map_err(fail)?;
+            let applied = apply_batch(&mut tx, &rows).await.map_err(fail)?;
+            tx.commit().await.map_err(fail)?;
+            applied
+        } else {
+            let mut conn = self.pool.acquire().await.map_err(fail)?;
+            apply_batch(&mut conn, &rows).await.map_err(fail)?
+        };
 
         let mut outcomes = Vec::with_capacity(writes.len());
-        for (write, rows) in writes.iter().zip(applied) {
+        for write in writes {
             let id = &write.lease().request_id;
+            let rows = u64::from(applied.contains(id.as_str()));
             outcomes.push(self.outcome("write_batch", rows, id).await?);
         }
         Ok(outcomes)

@@ -130,3 +130,63 @@ pub(crate) fn unreadable(id: &str, field: &'static str, e: impl std::fmt::Displa
         problem: e.to_string(),
     }
 }
+
+/// The writes of one [`RequestStore::write_batch`](super::RequestStore::write_batch) call,
+/// grouped by kind so that each kind is one set-based statement.
+#[derive(Debug, Default)]
+pub(crate) struct BatchRows {
+    pub executing: Vec<BatchRow>,
+    pub completing: Vec<BatchRow>,
+}
+
+/// One fenced write, as the batch statements take it.
+#[derive(Debug, serde::Serialize)]
+pub(crate) struct BatchRow {
+    pub id: String,
+    pub token: String,
+    /// The history entry, as JSON text.
+    pub entry: String,
+    /// The results, as JSON text (completions only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub results: Option<String>,
+}
+
+impl BatchRows {
+    pub fn of(writes: &[super::FencedWrite]) -> Self {
+        let mut rows = BatchRows::default();
+        for write in writes {
+            let lease = write.lease();
+            let row = |entry: String, results: Option<String>| BatchRow {
+                id: lease.request_id.as_str().to_owned(),
+                token: lease.token.clone(),
+                entry,
+                results,
+            };
+            match write {
+                super::FencedWrite::MarkExecuting(_) => rows.executing.push(row(
+                    history_entry(
+                        RequestStatus::Executing,
+                        Some(&lease.owner),
+                        "executor started",
+                    ),
+                    None,
+                )),
+                super::FencedWrite::Complete(_, results) => rows.completing.push(row(
+                    history_entry(
+                        RequestStatus::Completed,
+                        Some(&lease.owner),
+                        "workflow completed",
+                    ),
+                    Some(to_json(results)),
+                )),
+            }
+        }
+        rows
+    }
+
+    /// Whether both kinds are present, so that the statements need a transaction to be
+    /// applied all or none.
+    pub fn is_mixed(&self) -> bool {
+        !self.executing.is_empty() && !self.completing.is_empty()
+    }
+}

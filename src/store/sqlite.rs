@@ -10,9 +10,9 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
-use sqlx::{Row, migrate::Migrator};
+use sqlx::{Acquire, Row, migrate::Migrator};
 
-use super::row::{StoredRow, history_entry, to_json, unreadable};
+use super::row::{BatchRows, StoredRow, history_entry, to_json, unreadable};
 use super::{
     CancelOutcome, FencedWrite, InsertOutcome, LeaseRef, ListFilter, RequestPage, RequestStore,
     RescuedRequest, WriteOutcome, after, expired_lease_error, now,
@@ -343,6 +343,51 @@ fn complete_query(lease: &LeaseRef, results: &RequestResults) -> SqliteQuery<'st
     ))
 }
 
+/// Applies a batch's writes as one statement per kind; returns the ids whose write applied.
+///
+/// The rows travel as one JSON array, so a batch of any size is one round trip.
+async fn apply_batch(
+    conn: &mut sqlx::SqliteConnection,
+    rows: &BatchRows,
+) -> std::result::Result<std::collections::HashSet<String>, sqlx::Error> {
+    let mut applied = std::collections::HashSet::new();
+    if !rows.executing.is_empty() {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "UPDATE requests SET status = 'EXECUTING', \
+                 history = json_insert(history, '$[#]', json(batch.entry)) \
+             FROM (SELECT value ->> 'id' AS id, value ->> 'token' AS token, \
+                       value ->> 'entry' AS entry FROM json_each(?)) AS batch \
+             WHERE requests.id = batch.id AND requests.lease_token = batch.token \
+                 AND requests.status = 'PROCESSING' \
+             RETURNING requests.id",
+        )
+        .bind(to_json(&rows.executing))
+        .fetch_all(&mut *conn)
+        .await?;
+        applied.extend(ids);
+    }
+    if !rows.completing.is_empty() {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "UPDATE requests SET status = 'COMPLETED', results = batch.results, \
+                 completed_at = ?, progress_percentage = 100, lease_owner = NULL, \
+                 lease_token = NULL, lease_expires_at = NULL, \
+                 history = json_insert(history, '$[#]', json(batch.entry)) \
+             FROM (SELECT value ->> 'id' AS id, value ->> 'token' AS token, \
+                       value ->> 'entry' AS entry, value ->> 'results' AS results \
+                   FROM json_each(?)) AS batch \
+             WHERE requests.id = batch.id AND requests.lease_token = batch.token \
+                 AND requests.status = 'EXECUTING' \
+             RETURNING requests.id",
+        )
+        .bind(micros(now()))
+        .bind(to_json(&rows.completing))
+        .fetch_all(&mut *conn)
+        .await?;
+        applied.extend(ids);
+    }
+    Ok(applied)
+}
+
 fn micros(at: DateTime<Utc>) -> i64 {
     at.timestamp_micros()
 }
@@ -654,34 +699,23 @@ impl RequestStore for SqliteStore {
     }
 
     async fn write_batch(&self, writes: &[FencedWrite]) -> Result<Vec<WriteOutcome>> {
-        let mut tx = self
-            .writer
-            .begin()
-            .await
-            .map_err(|e| Error::store("write_batch", e))?;
-        let mut applied = Vec::with_capacity(writes.len());
-        for write in writes {
-            let lease = write.lease();
-            let query = match write {
-                FencedWrite::MarkExecuting(_) => mark_executing_query(lease),
-                FencedWrite::Complete(_, results) => complete_query(lease, results),
-            };
-            let rows = query
-                .bind(lease.request_id.as_str())
-                .bind(&lease.token)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| Error::store("write_batch", e))?
-                .rows_affected();
-            applied.push(rows);
-        }
-        tx.commit()
-            .await
-            .map_err(|e| Error::store("write_batch", e))?;
+        let rows = BatchRows::of(writes);
+        let fail = |e| Error::store("write_batch", e);
+        let mut conn = self.writer.acquire().await.map_err(fail)?;
+        let applied = if rows.is_mixed() {
+            let mut tx = conn.begin().await.map_err(fail)?;
+            let applied = apply_batch(&mut tx, &rows).await.map_err(fail)?;
+            tx.commit().await.map_err(fail)?;
+            applied
+        } else {
+            apply_batch(&mut conn, &rows).await.map_err(fail)?
+        };
+        drop(conn);
 
         let mut outcomes = Vec::with_capacity(writes.len());
-        for (write, rows) in writes.iter().zip(applied) {
+        for write in writes {
             let id = &write.lease().request_id;
+            let rows = u64::from(applied.contains(id.as_str()));
             outcomes.push(self.outcome("write_batch", rows, id).await?);
         }
         Ok(outcomes)

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures::FutureExt;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -15,7 +16,7 @@ use tracing::Instrument;
 use super::writer::BatchWriter;
 use crate::backoff::BackoffPolicy;
 use crate::error::Result;
-use crate::executor::{ExecutorRegistry, WorkflowContext, WorkflowError, describe};
+use crate::executor::{ExecutorRegistry, StartedWrite, WorkflowContext, WorkflowError, describe};
 use crate::model::{AttemptError, Request, RequestResults};
 use crate::store::{LeaseRef, RequestStore, WriteOutcome, after, now};
 
@@ -30,6 +31,10 @@ pub(crate) struct AttemptSettings {
     pub execution_timeout: Duration,
     pub backoff: BackoffPolicy,
 }
+
+/// A worker slot, held while the attempt's executor runs and released (dropped) as soon as
+/// it has returned, before the outcome is written.
+pub(crate) type Slot = Box<dyn Send>;
 
 /// How an attempt ended, as far as this worker knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +73,7 @@ pub(crate) async fn run_attempt(
     settings: AttemptSettings,
     cancel: CancellationToken,
     hand_back: CancellationToken,
+    slot: Option<Slot>,
 ) -> AttemptEnd {
     let Some(lease) = LeaseRef::of(&request) else {
         tracing::error!(request_id = %request.id, "claimed request carries no lease; skipped");
@@ -82,7 +88,7 @@ pub(crate) async fn run_attempt(
         strategy = settings.strategy,
     );
     run_leased(
-        store, writer, executors, request, lease, settings, cancel, hand_back,
+        store, writer, executors, request, lease, settings, cancel, hand_back, slot,
     )
     .instrument(span)
     .await
@@ -98,6 +104,7 @@ async fn run_leased(
     settings: AttemptSettings,
     cancel: CancellationToken,
     hand_back: CancellationToken,
+    slot: Option<Slot>,
 ) -> AttemptEnd {
     let labels = [
         ("strategy", settings.strategy.to_owned()),
@@ -114,29 +121,30 @@ async fn run_leased(
         return record_failure(&*store, &request, &lease, &settings, error, false).await;
     };
 
-    match writer.mark_executing(&lease).await {
-        Ok(WriteOutcome::Applied) => {}
-        Ok(WriteOutcome::Rejected { current }) => {
-            tracing::info!(
-                status = describe(current),
-                "request taken away before it started"
-            );
-            return AttemptEnd::Superseded;
-        }
-        Err(err) => {
-            tracing::warn!(
-                error = %err,
-                "could not mark the request executing; its lease will lapse",
-            );
-            return AttemptEnd::Unrecorded;
-        }
-    }
+    // The executor starts at once, and the write that marks the request EXECUTING runs
+    // beside it, batched with other workers' writes: on a database that flushes every
+    // commit to disk, waiting for it would put a whole commit on every request's path.
+    // Progress and the outcome wait for it, and if it is refused (the request was
+    // cancelled or taken back since the claim) the executor is told to stop.
+    let marked: StartedWrite = {
+        let writer = writer.clone();
+        let lease = lease.clone();
+        let patience = settings.lease_duration;
+        async move { write_final(|| writer.mark_executing(&lease), patience).await }
+            .in_current_span()
+            .boxed()
+            .shared()
+    };
+    tokio::spawn(marked.clone());
+    let mut marking = marked.clone();
+    let mut marking_pending = true;
     tracing::info!("executing");
     let started = Instant::now();
 
     let ctx = WorkflowContext::for_lease(
         store.clone(),
         lease.clone(),
+        marked.clone(),
         request.attempts,
         cancel.clone(),
     );
@@ -166,6 +174,23 @@ async fn run_leased(
             _ = cancel.cancelled() => break Wake::Cancelled,
             _ = hand_back.cancelled() => break Wake::HandBack,
             _ = &mut deadline => break Wake::TimedOut,
+            marked = &mut marking, if marking_pending => {
+                marking_pending = false;
+                match marked {
+                    Some(WriteOutcome::Applied) => {}
+                    Some(WriteOutcome::Rejected { current }) => {
+                        tracing::info!(
+                            status = describe(current),
+                            "request taken away as it started; stopping the executor",
+                        );
+                        break Wake::Cancelled;
+                    }
+                    None => {
+                        tracing::warn!("could not mark the request executing; stopping the executor");
+                        break Wake::Cancelled;
+                    }
+                }
+            }
             _ = heartbeat.tick() => {
                 match store.extend_lease(&lease, settings.lease_duration).await {
                     Ok(WriteOutcome::Applied) => {}
@@ -237,6 +262,11 @@ async fn run_leased(
             }
         }
     };
+
+    // The executor is done: its slot goes to the next request while the outcome is
+    // written, and that write follows the one marking the request EXECUTING.
+    drop(slot);
+    let _ = marked.await;
 
     let elapsed = started.elapsed();
     metrics::histogram!("root_orchestrator_processing_seconds", &labels)

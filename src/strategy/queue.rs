@@ -1254,6 +1254,7 @@ impl Inner {
             self.attempt_settings(),
             cancel,
             hand_back.clone(),
+            None,
         )
         .await;
 

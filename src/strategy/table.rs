@@ -390,11 +390,13 @@ impl TableStrategy {
                                         settings,
                                         cancel,
                                         hand_back,
+                                        Some(Box::new(SlotGuard {
+                                            permit: Some(permit),
+                                            inner: inner.clone(),
+                                        })),
                                     )
                                     .await;
                                     inner.running().remove(&id);
-                                    drop(permit);
-                                    inner.wake.notify_one();
                                     if let AttemptEnd::RetryScheduled(at) = end {
                                         wake_at(inner, at);
                                     }
@@ -431,6 +433,20 @@ impl TableStrategy {
         }
         tracing::info!(parent: &span, "workers stopped");
         Ok(())
+    }
+}
+
+/// A worker slot: its release wakes the claim loop to fill it.
+struct SlotGuard {
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    inner: Arc<Inner>,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        // Free the slot before waking the loop, or it could look and find none free.
+        drop(self.permit.take());
+        self.inner.wake.notify_one();
     }
 }
 

@@ -17,6 +17,7 @@ use crate::store::{FencedWrite, LeaseRef, RequestStore, WriteOutcome};
 /// transaction stays short.
 const MAX_BATCH: usize = 256;
 
+
 struct Queued {
     write: FencedWrite,
     reply: oneshot::Sender<Result<WriteOutcome>>,
@@ -104,30 +105,37 @@ async fn write_batches(
     store: Arc<dyn RequestStore>,
     mut incoming: mpsc::UnboundedReceiver<Queued>,
 ) {
+    // One batch at a time: while it commits, the next one gathers. Measured on SQLite and
+    // PostgreSQL, a few batches in flight at once only made each batch smaller.
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while incoming.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let writes: Vec<FencedWrite> = batch.iter().map(|q| q.write.clone()).collect();
-        match store.write_batch(&writes).await {
-            Ok(outcomes) => {
-                let mut outcomes = outcomes.into_iter();
-                for queued in batch.drain(..) {
-                    let _ = queued.reply.send(outcomes.next().ok_or_else(|| {
-                        Error::store("write_batch", "the store returned too few outcomes")
-                    }));
-                }
+        apply(&*store, std::mem::take(&mut batch)).await;
+    }
+}
+
+/// Applies one batch and answers each of its writers.
+async fn apply(store: &dyn RequestStore, mut batch: Vec<Queued>) {
+    let writes: Vec<FencedWrite> = batch.iter().map(|q| q.write.clone()).collect();
+    match store.write_batch(&writes).await {
+        Ok(outcomes) => {
+            let mut outcomes = outcomes.into_iter();
+            for queued in batch.drain(..) {
+                let _ = queued.reply.send(outcomes.next().ok_or_else(|| {
+                    Error::store("write_batch", "the store returned too few outcomes")
+                }));
             }
-            Err(err) if batch.len() == 1 => {
-                let _ = batch.pop().expect("one write").reply.send(Err(err));
-            }
-            // A batch that failed as a whole (one write the database refuses, a lost
-            // connection) is tried again write by write, so that one bad write cannot hold
-            // back the others and each caller gets its own answer.
-            Err(err) => {
-                tracing::debug!(error = %err, writes = batch.len(), "batch failed; writing one by one");
-                for queued in batch.drain(..) {
-                    let outcome = single(&*store, &queued.write).await;
-                    let _ = queued.reply.send(outcome);
-                }
+        }
+        Err(err) if batch.len() == 1 => {
+            let _ = batch.pop().expect("one write").reply.send(Err(err));
+        }
+        // A batch that failed as a whole (one write the database refuses, a lost
+        // connection) is tried again write by write, so that one bad write cannot hold
+        // back the others and each caller gets its own answer.
+        Err(err) => {
+            tracing::debug!(error = %err, writes = batch.len(), "batch failed; writing one by one");
+            for queued in batch.drain(..) {
+                let outcome = single(store, &queued.write).await;
+                let _ = queued.reply.send(outcome);
             }
         }
     }
