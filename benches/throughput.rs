@@ -120,9 +120,14 @@ impl Backend {
         match self {
             Backend::Sqlite => {
                 let dir = tempfile::tempdir().expect("temporary directory");
-                let store = SqliteStore::open_with(dir.path().join("bench.db"), std::env::var("SQLITE_CONNS").map(|v| v.parse().unwrap()).unwrap_or(4))
-                    .await
-                    .expect("open SQLite");
+                let store = SqliteStore::open_with(
+                    dir.path().join("bench.db"),
+                    std::env::var("SQLITE_CONNS")
+                        .map(|v| v.parse().unwrap())
+                        .unwrap_or(4),
+                )
+                .await
+                .expect("open SQLite");
                 Database {
                     store: Arc::new(store),
                     _dir: Some(dir),
@@ -396,12 +401,6 @@ async fn measure(backend: Backend, scale: usize) {
         );
     };
 
-    if std::env::var_os("ONLY_S2").is_some() {
-        for c in [16, 100] {
-            println!("S2 c{c}: {:.0}/s", burn_down(backend, n, c).await);
-        }
-        return;
-    }
     let (single, batched) = enqueue(backend, n).await;
     row(
         "S1 enqueue, one submit each",
@@ -492,7 +491,9 @@ fn main() {
         .unwrap_or(1)
         .max(1);
     let mut backends = vec![Backend::Sqlite];
-    if std::env::var_os("SKIP_SQLITE").is_some() { backends.clear(); }
+    if std::env::var_os("SKIP_SQLITE").is_some() {
+        backends.clear();
+    }
     if std::env::var_os("DATABASE_URL").is_some() {
         #[cfg(feature = "postgres")]
         backends.push(Backend::Postgres);

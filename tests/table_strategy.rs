@@ -740,3 +740,80 @@ async fn results_no_store_could_keep_fail_the_request_at_once_with_the_reason() 
     assert_eq!(page.requests.len(), 1);
     running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn submit_many_refuses_the_whole_batch_naming_the_bad_request() {
+    let running = Running::start(fast_config(), scripted(|_, _| async { Ok(done()) })).await;
+
+    let mut no_keywords = request("x");
+    no_keywords.configuration.keywords.clear();
+    let refused = running
+        .orchestrator
+        .submit_many([request("a"), no_keywords, request("c")])
+        .await
+        .unwrap_err();
+    let root_orchestrator::Error::InvalidRequest { field, .. } = &refused else {
+        panic!("expected an invalid-request error, got {refused:?}");
+    };
+    assert_eq!(field, "requests[1].configuration.keywords");
+
+    let mut unknown = request("d");
+    unknown.request_type = RequestType::new("no_such_type").unwrap();
+    let refused = running
+        .orchestrator
+        .submit_many([request("a"), request("b"), unknown])
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("requests[2].request_type"),
+        "{refused}"
+    );
+
+    // Neither batch stored anything.
+    let store = running.shutdown().await;
+    assert!(store.count_by_status().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_submitted_batch_wakes_the_workers_and_runs_each_request_once() {
+    let runs = Arc::new(Mutex::new(Vec::new()));
+    let executor = scripted({
+        let runs = runs.clone();
+        move |request: Request, ctx: WorkflowContext| {
+            let runs = runs.clone();
+            async move {
+                // The executor starts beside the write that marks its request EXECUTING;
+                // progress reported at once must still be accepted.
+                ctx.report_progress(root_orchestrator::Progress::at_stage("start", 5))
+                    .await
+                    .map_err(|e| WorkflowError::permanent(e.to_string()))?;
+                runs.lock().unwrap().push(request.id.to_string());
+                Ok(done())
+            }
+        }
+    });
+    let mut config = fast_config();
+    config.polling_interval = Duration::from_secs(60);
+    config.max_concurrent_requests = 4;
+    let running = Running::start(config, executor).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let outcomes = running
+        .orchestrator
+        .submit_many((0..60).map(|i| request(&format!("batch-{i}"))))
+        .await
+        .unwrap();
+    let ids: Vec<RequestId> = outcomes.iter().map(|o| o.request().id.clone()).collect();
+    for id in &ids {
+        let finished = running.wait_terminal(id).await;
+        assert_eq!(finished.status, RequestStatus::Completed, "{id}");
+        assert_eq!(finished.attempts, 1, "{id}");
+    }
+
+    let mut ran = runs.lock().unwrap().clone();
+    ran.sort();
+    let mut expected: Vec<String> = ids.iter().map(|id| id.to_string()).collect();
+    expected.sort();
+    assert_eq!(ran, expected, "each request ran exactly once");
+    running.shutdown().await;
+}

@@ -70,6 +70,9 @@ macro_rules! store_suite {
             history_explains_every_transition,
             claiming_one_request_takes_it_only_when_pending,
             concurrent_claims_of_one_request_have_one_winner,
+            insert_many_keeps_order_and_reports_repeats,
+            insert_many_of_nothing_stores_nothing,
+            write_batch_applies_each_write_as_its_single_method_would,
         );
 
         #[test]
@@ -1543,4 +1546,147 @@ async fn observe(
         }
         tokio::task::yield_now().await;
     }
+}
+
+pub async fn insert_many_keeps_order_and_reports_repeats(h: &impl Harness) {
+    let store = h.open().await;
+    insert(&*store, "stored-before", Priority::High).await;
+
+    let mut batch: Vec<NewRequest> = ["b-1", "b-2", "stored-before", "b-1", "b-3"]
+        .into_iter()
+        .map(|id| new_request(id, Priority::Medium))
+        .collect();
+    // A different body under a repeated id must not replace what the first one stored.
+    batch[3].project_id = "another-project".into();
+    batch.push(new_request("b-4", Priority::Low).with_max_attempts(7));
+    let outcomes = store.insert_many(batch, 3).await.unwrap();
+
+    let summary: Vec<(&str, bool)> = outcomes
+        .iter()
+        .map(|o| {
+            (
+                o.request().id.as_str(),
+                matches!(o, InsertOutcome::Inserted(_)),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("b-1", true),
+            ("b-2", true),
+            ("stored-before", false),
+            ("b-1", false),
+            ("b-3", true),
+            ("b-4", true),
+        ]
+    );
+    assert_eq!(outcomes[2].request().priority, Priority::High);
+    assert_eq!(outcomes[3].request().project_id, "project-a");
+    assert_eq!(outcomes[5].request().max_attempts, 7);
+    assert_eq!(outcomes[0].request().max_attempts, 3);
+    assert!(
+        outcomes[..2]
+            .iter()
+            .all(|o| o.request().status == RequestStatus::Pending)
+    );
+
+    // The batch is claimed in the order given, behind the higher-priority request.
+    let mut claimed = Vec::new();
+    while let Some(r) = store.claim("w", 1, LONG).await.unwrap().pop() {
+        claimed.push(r.id.to_string());
+    }
+    assert_eq!(claimed, ["stored-before", "b-1", "b-2", "b-3", "b-4"]);
+}
+
+pub async fn insert_many_of_nothing_stores_nothing(h: &impl Harness) {
+    let store = h.open().await;
+    let outcomes = store.insert_many(Vec::new(), 3).await.unwrap();
+    assert!(outcomes.is_empty());
+    assert!(store.count_by_status().await.unwrap().is_empty());
+}
+
+pub async fn write_batch_applies_each_write_as_its_single_method_would(h: &impl Harness) {
+    use root_orchestrator::FencedWrite;
+
+    let store = h.open().await;
+    for id in ["w-start", "w-done", "w-stale", "w-cancelled"] {
+        insert(&*store, id, Priority::Medium).await;
+    }
+    let mut leases = HashMap::new();
+    for _ in 0..4 {
+        let (id, lease) = claim_one(&*store, LONG).await;
+        leases.insert(id.to_string(), lease);
+    }
+    let done = leases["w-done"].clone();
+    assert_eq!(
+        store.mark_executing(&done).await.unwrap(),
+        WriteOutcome::Applied
+    );
+    store
+        .cancel(&RequestId::parse("w-cancelled").unwrap(), "x")
+        .await
+        .unwrap();
+    let mut stale = leases["w-stale"].clone();
+    stale.token = "not-the-token".into();
+    let missing = LeaseRef {
+        request_id: RequestId::parse("w-missing").unwrap(),
+        owner: "worker-test".into(),
+        token: "t".into(),
+    };
+
+    let outcomes = store
+        .write_batch(&[
+            FencedWrite::MarkExecuting(leases["w-start"].clone()),
+            FencedWrite::Complete(done.clone(), results()),
+            FencedWrite::MarkExecuting(stale),
+            FencedWrite::Complete(leases["w-cancelled"].clone(), results()),
+            FencedWrite::MarkExecuting(missing),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        outcomes,
+        [
+            WriteOutcome::Applied,
+            WriteOutcome::Applied,
+            WriteOutcome::Rejected {
+                current: Some(RequestStatus::Processing)
+            },
+            WriteOutcome::Rejected {
+                current: Some(RequestStatus::Cancelled)
+            },
+            WriteOutcome::Rejected { current: None },
+        ]
+    );
+
+    let started = store
+        .get(&leases["w-start"].request_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(started.status, RequestStatus::Executing);
+    assert_eq!(
+        started.history.last().map(|c| c.status),
+        Some(RequestStatus::Executing)
+    );
+    let finished = store.get(&done.request_id).await.unwrap().unwrap();
+    assert_eq!(finished.status, RequestStatus::Completed);
+    assert_eq!(finished.results, Some(results()));
+    assert!(finished.lease.is_none());
+    assert!(finished.completed_at.is_some());
+    assert_eq!(finished.progress.percentage, 100);
+
+    // A write already applied is refused the second time, like any fenced write.
+    let again = store
+        .write_batch(&[FencedWrite::Complete(done, results())])
+        .await
+        .unwrap();
+    assert_eq!(
+        again,
+        [WriteOutcome::Rejected {
+            current: Some(RequestStatus::Completed)
+        }]
+    );
+    assert!(store.write_batch(&[]).await.unwrap().is_empty());
 }
