@@ -21,6 +21,11 @@ use crate::store::{CancelOutcome, InsertOutcome, RequestStore, StoreEvent, now};
 
 const STRATEGY: &str = "table";
 
+/// Finished attempts per worker slot whose outcomes may wait to be written before the
+/// claims pause. A write takes a commit or two, and a commit on a disk-flushing database
+/// can take as long as several quick requests.
+const UNWRITTEN_PER_SLOT: usize = 4;
+
 /// Requests live in a database table; this process's workers claim them.
 ///
 /// - Up to [`TableConfig::max_concurrent_requests`] requests run at once, claimed by
@@ -360,7 +365,15 @@ impl TableStrategy {
         while !shutdown.is_cancelled() {
             while attempts.try_join_next().is_some() {}
 
-            let free = slots.available_permits();
+            // A slot frees up when its executor returns, before the outcome is written; the
+            // claims pause while too many outcomes wait to be written, so a store slower to
+            // write than the executors are to finish cannot pile up leases.
+            let unwritten = attempts
+                .len()
+                .saturating_sub(config.max_concurrent_requests - slots.available_permits());
+            let free = slots.available_permits().min(
+                (config.max_concurrent_requests * UNWRITTEN_PER_SLOT).saturating_sub(unwritten),
+            );
             if free > 0 {
                 match inner
                     .store
@@ -397,6 +410,7 @@ impl TableStrategy {
                                     )
                                     .await;
                                     inner.running().remove(&id);
+                                    inner.wake.notify_one();
                                     if let AttemptEnd::RetryScheduled(at) = end {
                                         wake_at(inner, at);
                                     }
