@@ -471,30 +471,77 @@ impl RequestStore for SqliteStore {
         requests: Vec<NewRequest>,
         max_attempts: u32,
     ) -> Result<Vec<InsertOutcome>> {
-        // One transaction, one commit; the statement is prepared once and reused. The
-        // batch shares one creation time, so it is claimed in the order given.
-        let created_at = now();
-        let mut tx = self
-            .writer
-            .begin()
-            .await
-            .map_err(|e| Error::store("insert_many", e))?;
-        let mut inserted = Vec::with_capacity(requests.len());
-        for new in &requests {
-            let id = new.request_id.clone().unwrap_or_else(RequestId::generate);
-            let row = insert_query(new, &id, max_attempts, created_at)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(|e| Error::store("insert_many", e))?;
-            inserted.push((id, row.as_ref().map(request_from_row).transpose()?));
+        if requests.is_empty() {
+            return Ok(Vec::new());
         }
-        tx.commit()
-            .await
-            .map_err(|e| Error::store("insert_many", e))?;
 
-        let mut outcomes = Vec::with_capacity(inserted.len());
-        for ((id, row), new) in inserted.into_iter().zip(requests) {
-            outcomes.push(match row {
+        // One statement over the batch as a JSON array: one round trip and one commit. The
+        // batch shares one creation time and is inserted in array order, so it is claimed
+        // in the order given.
+        #[derive(serde::Serialize)]
+        struct Row<'a> {
+            id: &'a str,
+            project_id: &'a str,
+            user_id: &'a str,
+            request_type: &'a str,
+            priority: i64,
+            configuration: String,
+            max_attempts: u32,
+            run_after: i64,
+        }
+        let created_at = now();
+        let ids: Vec<RequestId> = requests
+            .iter()
+            .map(|r| r.request_id.clone().unwrap_or_else(RequestId::generate))
+            .collect();
+        let rows: Vec<Row<'_>> = requests
+            .iter()
+            .zip(&ids)
+            .map(|(new, id)| Row {
+                id: id.as_str(),
+                project_id: &new.project_id,
+                user_id: &new.user_id,
+                request_type: new.request_type.as_str(),
+                priority: new.priority.rank(),
+                configuration: to_json(&new.configuration),
+                max_attempts: new.max_attempts.unwrap_or(max_attempts),
+                run_after: micros(new.run_after.unwrap_or(created_at)),
+            })
+            .collect();
+        let history = format!(
+            "[{}]",
+            history_entry(RequestStatus::Pending, None, "submitted")
+        );
+
+        // `WHERE true` keeps SQLite from reading ON CONFLICT as a join constraint.
+        let inserted = sqlx::query(concat!(
+            "INSERT INTO requests (id, project_id, user_id, request_type, priority, \
+             configuration, status, history, max_attempts, created_at, run_after) \
+             SELECT value ->> 'id', value ->> 'project_id', value ->> 'user_id', \
+                 value ->> 'request_type', value ->> 'priority', value ->> 'configuration', \
+                 'PENDING', ?2, value ->> 'max_attempts', ?3, value ->> 'run_after' \
+             FROM json_each(?1) WHERE true ORDER BY key \
+             ON CONFLICT (id) DO NOTHING RETURNING ",
+            columns!(),
+            ""
+        ))
+        .bind(to_json(&rows))
+        .bind(history)
+        .bind(micros(created_at))
+        .fetch_all(&self.writer)
+        .await
+        .map_err(|e| Error::store("insert_many", e))?;
+
+        let mut stored = std::collections::HashMap::with_capacity(inserted.len());
+        for row in &inserted {
+            let request = request_from_row(row)?;
+            stored.insert(request.id.clone(), request);
+        }
+        let mut outcomes = Vec::with_capacity(requests.len());
+        for (id, new) in ids.into_iter().zip(requests) {
+            // The first occurrence of an id takes the inserted row; a repeat, or an id
+            // stored before, finds the existing one.
+            outcomes.push(match stored.remove(&id) {
                 Some(request) => InsertOutcome::Inserted(request),
                 None => match self.get(&id).await? {
                     Some(existing) => InsertOutcome::Existing(existing),
