@@ -120,9 +120,14 @@ impl Backend {
         match self {
             Backend::Sqlite => {
                 let dir = tempfile::tempdir().expect("temporary directory");
-                let store = SqliteStore::open_with(dir.path().join("bench.db"), std::env::var("SQLITE_CONNS").map(|v| v.parse().unwrap()).unwrap_or(4))
-                    .await
-                    .expect("open SQLite");
+                let store = SqliteStore::open_with(
+                    dir.path().join("bench.db"),
+                    std::env::var("SQLITE_CONNS")
+                        .map(|v| v.parse().unwrap())
+                        .unwrap_or(4),
+                )
+                .await
+                .expect("open SQLite");
                 Database {
                     store: Arc::new(store),
                     _dir: Some(dir),
@@ -492,7 +497,9 @@ fn main() {
         .unwrap_or(1)
         .max(1);
     let mut backends = vec![Backend::Sqlite];
-    if std::env::var_os("SKIP_SQLITE").is_some() { backends.clear(); }
+    if std::env::var_os("SKIP_SQLITE").is_some() {
+        backends.clear();
+    }
     if std::env::var_os("DATABASE_URL").is_some() {
         #[cfg(feature = "postgres")]
         backends.push(Backend::Postgres);

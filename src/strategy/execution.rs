@@ -65,6 +65,7 @@ enum Wake {
 ///
 /// `cancel` stops the executor (a cancel of the request, or a lost lease); `hand_back`
 /// fires when a shutdown's grace period is over and the request must be returned.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run_attempt(
     store: Arc<dyn RequestStore>,
     writer: BatchWriter,

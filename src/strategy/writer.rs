@@ -17,7 +17,6 @@ use crate::store::{FencedWrite, LeaseRef, RequestStore, WriteOutcome};
 /// transaction stays short.
 const MAX_BATCH: usize = 256;
 
-
 struct Queued {
     write: FencedWrite,
     reply: oneshot::Sender<Result<WriteOutcome>>,
