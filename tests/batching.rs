@@ -1,0 +1,454 @@
+//! The batched hot path under attack, on real SQLite files and the real PostgreSQL:
+//! `write_batch` and `insert_many` at the store, and the workers that start the executor
+//! beside the write marking it `EXECUTING` and free their slot before the outcome is
+//! written.
+//!
+//! The PostgreSQL cases need a server: `DATABASE_URL`, or
+//! `postgres://postgres@127.0.0.1:5432/test`. An unreachable server fails them.
+
+#[cfg(feature = "postgres")]
+mod pg;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::Utc;
+use root_orchestrator::{
+    Configuration, FencedWrite, InsertOutcome, LeaseRef, NewRequest, Priority, Request, RequestId,
+    RequestResults, RequestStatus, RequestStore, RequestType, Source, SqliteStore, WriteOutcome,
+};
+
+const TYPE: &str = "semaglutide_intelligence";
+const LEASE: Duration = Duration::from_secs(30);
+
+fn request(keyword: &str) -> NewRequest {
+    let mut configuration = Configuration::new([keyword]);
+    configuration.sources.push(Source::new("FDA", "regulatory"));
+    NewRequest::new(
+        "project",
+        "analyst",
+        RequestType::new(TYPE).unwrap(),
+        configuration,
+    )
+}
+
+fn with_id(keyword: &str, id: &str) -> NewRequest {
+    request(keyword).with_id(RequestId::parse(id).unwrap())
+}
+
+fn results(tag: &str) -> RequestResults {
+    RequestResults::new(None, serde_json::json!({ "tag": tag }))
+}
+
+fn rejected(current: Option<RequestStatus>) -> WriteOutcome {
+    WriteOutcome::Rejected { current }
+}
+
+async fn status_of(store: &dyn RequestStore, id: &RequestId) -> Option<RequestStatus> {
+    store.get(id).await.unwrap().map(|r| r.status)
+}
+
+/// Claims everything claimable and returns the leases by request id.
+async fn claim_all(store: &dyn RequestStore, owner: &str) -> BTreeMap<String, LeaseRef> {
+    store
+        .claim(owner, 100, LEASE)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.id.to_string(), LeaseRef::of(r).unwrap()))
+        .collect()
+}
+
+/// The statuses a request's history went through, in order.
+fn path(request: &Request) -> Vec<RequestStatus> {
+    request.history.iter().map(|h| h.status).collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Store-level cases, run against every SQL backend.
+// ---------------------------------------------------------------------------------------
+
+/// Outcomes come back in input order, each rejection naming the status the request had.
+async fn outcomes_in_order_with_the_right_rejections(store: &dyn RequestStore) {
+    let ids = ["ord-a", "ord-b", "ord-c", "ord-d", "ord-e", "ord-f"];
+    for id in ids {
+        store.insert(with_id(id, id), 3).await.unwrap();
+    }
+    let leases = claim_all(store, "w1").await;
+    // b is already executing, d is cancelled, e completed and pruned.
+    assert_eq!(
+        store.mark_executing(&leases["ord-b"]).await.unwrap(),
+        WriteOutcome::Applied
+    );
+    store
+        .cancel(&leases["ord-d"].request_id, "test")
+        .await
+        .unwrap();
+    assert!(
+        store
+            .mark_executing(&leases["ord-e"])
+            .await
+            .unwrap()
+            .is_applied()
+    );
+    assert!(
+        store
+            .complete(&leases["ord-e"], &results("e"))
+            .await
+            .unwrap()
+            .is_applied()
+    );
+    let pruned = store
+        .prune_finished(Utc::now() + chrono::Duration::days(1))
+        .await
+        .unwrap();
+    assert_eq!(pruned, 2, "the cancelled and the completed request");
+    let mut stale_c = leases["ord-c"].clone();
+    stale_c.token = "not-the-token".to_owned();
+    let missing = LeaseRef {
+        request_id: RequestId::parse("never-stored").unwrap(),
+        owner: "w1".to_owned(),
+        token: "t".to_owned(),
+    };
+
+    let outcomes = store
+        .write_batch(&[
+            FencedWrite::Complete(leases["ord-f"].clone(), results("f")),
+            FencedWrite::Complete(leases["ord-b"].clone(), results("b")),
+            FencedWrite::MarkExecuting(stale_c),
+            FencedWrite::MarkExecuting(leases["ord-a"].clone()),
+            FencedWrite::MarkExecuting(leases["ord-d"].clone()),
+            FencedWrite::Complete(leases["ord-e"].clone(), results("e")),
+            FencedWrite::MarkExecuting(missing),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        outcomes,
+        vec![
+            // f was never marked executing.
+            rejected(Some(RequestStatus::Processing)),
+            WriteOutcome::Applied,
+            rejected(Some(RequestStatus::Processing)),
+            WriteOutcome::Applied,
+            rejected(None),
+            rejected(None),
+            rejected(None),
+        ]
+    );
+    let a = store
+        .get(&leases["ord-a"].request_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(a.status, RequestStatus::Executing);
+    assert_eq!(a.results, None);
+    let b = store
+        .get(&leases["ord-b"].request_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(b.status, RequestStatus::Completed);
+    assert_eq!(b.results, Some(results("b")));
+    assert_eq!(b.lease, None);
+    for id in ["ord-c", "ord-f"] {
+        let stored = store.get(&leases[id].request_id).await.unwrap().unwrap();
+        assert_eq!(stored.status, RequestStatus::Processing, "{id}");
+        assert_eq!(stored.results, None, "{id}");
+    }
+}
+
+/// A request written twice in one batch — a stale attempt's write beside the current
+/// attempt's, or the same write twice — gets the outcomes the writes one by one would.
+async fn one_request_twice_in_a_batch(store: &dyn RequestStore) {
+    store.insert(with_id("x", "twice"), 3).await.unwrap();
+    let old = claim_all(store, "w-old").await.remove("twice").unwrap();
+    assert!(store.release(&old, "test").await.unwrap().is_applied());
+    let new = claim_all(store, "w-new").await.remove("twice").unwrap();
+    assert_ne!(old.token, new.token);
+
+    let marks = store
+        .write_batch(&[
+            FencedWrite::MarkExecuting(old.clone()),
+            FencedWrite::MarkExecuting(new.clone()),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        marks,
+        vec![
+            rejected(Some(RequestStatus::Processing)),
+            WriteOutcome::Applied
+        ],
+        "the stale lease's write must not be reported as applied"
+    );
+
+    let completes = store
+        .write_batch(&[
+            FencedWrite::Complete(new.clone(), results("new")),
+            FencedWrite::Complete(old.clone(), results("old")),
+            FencedWrite::Complete(new.clone(), results("again")),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        completes,
+        vec![
+            WriteOutcome::Applied,
+            rejected(Some(RequestStatus::Completed)),
+            rejected(Some(RequestStatus::Completed)),
+        ]
+    );
+    let stored = store.get(&new.request_id).await.unwrap().unwrap();
+    assert_eq!(stored.results, Some(results("new")));
+    let completed = path(&stored)
+        .into_iter()
+        .filter(|s| *s == RequestStatus::Completed)
+        .count();
+    assert_eq!(completed, 1, "COMPLETED written once: {:?}", path(&stored));
+
+    // Completion before marking, for one lease: as one by one, the completion finds the
+    // request still PROCESSING and is refused; the mark then applies.
+    store.insert(with_id("y", "reversed"), 3).await.unwrap();
+    let lease = claim_all(store, "w").await.remove("reversed").unwrap();
+    let outcomes = store
+        .write_batch(&[
+            FencedWrite::Complete(lease.clone(), results("early")),
+            FencedWrite::MarkExecuting(lease.clone()),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        outcomes,
+        vec![
+            rejected(Some(RequestStatus::Processing)),
+            WriteOutcome::Applied
+        ]
+    );
+    let stored = store.get(&lease.request_id).await.unwrap().unwrap();
+    assert_eq!(stored.status, RequestStatus::Executing);
+    assert_eq!(stored.results, None);
+}
+
+/// Results right under the size limit, several to a batch, with the escaping-heavy
+/// characters that grow when a batch is encoded, come back byte for byte.
+async fn huge_results_in_one_batch(store: &dyn RequestStore) {
+    let mut writes = Vec::new();
+    let mut expected = Vec::new();
+    for n in 0..4 {
+        let id = format!("huge-{n}");
+        store.insert(with_id("h", &id), 3).await.unwrap();
+        let lease = claim_all(store, "w").await.remove(&id).unwrap();
+        assert!(store.mark_executing(&lease).await.unwrap().is_applied());
+        // Quotes and backslashes take two bytes each as JSON; fill to just under the limit.
+        let unit = "\"\\é\u{1F600}\t";
+        let size = |units: usize| {
+            let summary = serde_json::json!({ "n": n, "text": unit.repeat(units) });
+            serde_json::to_string(&RequestResults::new(Some(format!("/r/{n}")), summary))
+                .unwrap()
+                .len()
+        };
+        let per_unit = size(1) - size(0);
+        let units = (root_orchestrator::MAX_RESULTS_BYTES - size(0)) / per_unit;
+        assert!(root_orchestrator::MAX_RESULTS_BYTES - size(units) < per_unit);
+        let summary = serde_json::json!({ "n": n, "text": unit.repeat(units) });
+        let big = RequestResults::new(Some(format!("/r/{n}")), summary);
+        big.validate().expect("under the limit");
+        writes.push(FencedWrite::Complete(lease.clone(), big.clone()));
+        expected.push((lease.request_id, big));
+    }
+    let outcomes = store.write_batch(&writes).await.unwrap();
+    assert_eq!(outcomes, vec![WriteOutcome::Applied; 4]);
+    for (id, big) in expected {
+        let stored = store.get(&id).await.unwrap().unwrap();
+        assert_eq!(stored.status, RequestStatus::Completed);
+        assert_eq!(stored.results.as_ref(), Some(&big));
+    }
+}
+
+/// Empty batches are no-ops that answer with nothing.
+async fn empty_batches(store: &dyn RequestStore) {
+    assert_eq!(store.write_batch(&[]).await.unwrap(), vec![]);
+    assert_eq!(store.insert_many(Vec::new(), 3).await.unwrap(), vec![]);
+    assert!(store.count_by_status().await.unwrap().is_empty());
+}
+
+/// Repeated ids within one batch and ids stored before: Inserted for the first occurrence
+/// of a new id, Existing (the stored request, unchanged) otherwise, in input order.
+async fn insert_many_with_repeats(store: &dyn RequestStore) {
+    let before = store
+        .insert(with_id("first", "known").with_priority(Priority::Low), 3)
+        .await
+        .unwrap();
+    assert!(matches!(before, InsertOutcome::Inserted(_)));
+
+    let batch = vec![
+        with_id("one", "dup"),
+        request("anonymous"),
+        with_id("clash", "known"),
+        with_id("two", "dup").with_priority(Priority::High),
+        with_id("three", "dup"),
+        with_id("fresh", "fresh").with_max_attempts(7),
+    ];
+    let outcomes = store.insert_many(batch, 3).await.unwrap();
+    let kinds: Vec<(&str, &str, String)> = outcomes
+        .iter()
+        .map(|o| {
+            let r = o.request();
+            let kind = match o {
+                InsertOutcome::Inserted(_) => "inserted",
+                InsertOutcome::Existing(_) => "existing",
+            };
+            (kind, r.id.as_str(), r.configuration.keywords[0].clone())
+        })
+        .collect();
+    let anonymous = outcomes[1].request().id.to_string();
+    assert_eq!(
+        kinds,
+        vec![
+            ("inserted", "dup", "one".to_owned()),
+            ("inserted", anonymous.as_str(), "anonymous".to_owned()),
+            ("existing", "known", "first".to_owned()),
+            ("existing", "dup", "one".to_owned()),
+            ("existing", "dup", "one".to_owned()),
+            ("inserted", "fresh", "fresh".to_owned()),
+        ]
+    );
+    // The repeats see the request as the first occurrence stored it.
+    assert_eq!(outcomes[3].request().priority, Priority::Medium);
+    assert_eq!(outcomes[2].request().priority, Priority::Low);
+    assert_eq!(outcomes[5].request().max_attempts, 7);
+    assert_eq!(outcomes[1].request().max_attempts, 3);
+    let counts = store.count_by_status().await.unwrap();
+    assert_eq!(counts.get(&RequestStatus::Pending), Some(&4));
+}
+
+/// A batch is claimed by priority, then in the order given; a `run_after` in the future
+/// holds its request back, one in the past does not.
+async fn insert_many_claim_order(store: &dyn RequestStore) {
+    let later = Utc::now() + chrono::Duration::hours(1);
+    let earlier = Utc::now() - chrono::Duration::hours(1);
+    let batch = vec![
+        with_id("k", "m1"),
+        with_id("k", "l1").with_priority(Priority::Low),
+        with_id("k", "h-later")
+            .with_priority(Priority::High)
+            .with_run_after(later),
+        with_id("k", "m2").with_run_after(earlier),
+        with_id("k", "h1").with_priority(Priority::High),
+        with_id("k", "m3"),
+        with_id("k", "h2").with_priority(Priority::High),
+        with_id("k", "l2").with_priority(Priority::Low),
+    ];
+    let outcomes = store.insert_many(batch, 3).await.unwrap();
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, InsertOutcome::Inserted(_)))
+    );
+    let held = outcomes[2].request();
+    assert_eq!(held.run_after.timestamp_micros(), later.timestamp_micros());
+
+    let mut order = Vec::new();
+    // Claim in small bites, as busy workers do, to see the order across claims too.
+    loop {
+        let claimed = store.claim("w", 2, LEASE).await.unwrap();
+        if claimed.is_empty() {
+            break;
+        }
+        order.extend(claimed.into_iter().map(|r| r.id.to_string()));
+    }
+    assert_eq!(order, ["h1", "h2", "m1", "m2", "m3", "l1", "l2"]);
+    assert_eq!(
+        status_of(store, &RequestId::parse("h-later").unwrap()).await,
+        Some(RequestStatus::Pending)
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// SQLite stores: opened on a file, or over a pool the host already has.
+// ---------------------------------------------------------------------------------------
+
+async fn sqlite_open() -> (tempfile::TempDir, SqliteStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path().join("requests.db"))
+        .await
+        .unwrap();
+    (dir, store)
+}
+
+/// A store over a host's own pool of one connection: reads and writes share it, and
+/// nothing may wait for a second one.
+async fn sqlite_shared_pool() -> (tempfile::TempDir, SqliteStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(dir.path().join("shared.db"))
+        .create_if_missing(true)
+        .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal);
+    let pool = sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options)
+        .await
+        .unwrap();
+    (dir, SqliteStore::from_pool(pool).await.unwrap())
+}
+
+macro_rules! sqlite_cases {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite_open {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let (_dir, store) = super::sqlite_open().await;
+                    super::$name(&store).await;
+                }
+            )*
+        }
+        mod sqlite_shared_pool {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let (_dir, store) = super::sqlite_shared_pool().await;
+                    super::$name(&store).await;
+                }
+            )*
+        }
+    };
+}
+
+sqlite_cases!(
+    outcomes_in_order_with_the_right_rejections,
+    one_request_twice_in_a_batch,
+    huge_results_in_one_batch,
+    empty_batches,
+    insert_many_with_repeats,
+    insert_many_claim_order,
+);
+
+#[cfg(feature = "postgres")]
+mod postgres {
+    macro_rules! postgres_cases {
+        ($($name:ident),* $(,)?) => {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let schema = crate::pg::fresh_schema("batching");
+                    let store = crate::pg::connect(&schema, 4).await;
+                    super::$name(&store).await;
+                    store.close().await;
+                    crate::pg::drop_schema(&schema).await;
+                }
+            )*
+        };
+    }
+
+    postgres_cases!(
+        outcomes_in_order_with_the_right_rejections,
+        one_request_twice_in_a_batch,
+        huge_results_in_one_batch,
+        empty_batches,
+        insert_many_with_repeats,
+        insert_many_claim_order,
+    );
+}
