@@ -9,14 +9,22 @@
 #[cfg(feature = "postgres")]
 mod pg;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::Utc;
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
 use root_orchestrator::{
-    Configuration, FencedWrite, InsertOutcome, LeaseRef, NewRequest, Priority, Request, RequestId,
-    RequestResults, RequestStatus, RequestStore, RequestType, Source, SqliteStore, WriteOutcome,
+    AttemptError, BackoffPolicy, CancelOutcome, CancellationToken, Configuration, FencedWrite,
+    InsertOutcome, LeaseRef, ListFilter, NewRequest, Priority, Progress, Request, RequestId,
+    RequestPage, RequestResults, RequestStatus, RequestStore, RequestType, RescuedRequest, Result,
+    RootOrchestrator, Source, SqliteStore, TableConfig, TableStrategy, WorkflowContext,
+    WorkflowError, WorkflowExecutor, WriteOutcome,
 };
+use tokio::time::Instant;
 
 const TYPE: &str = "semaglutide_intelligence";
 const LEASE: Duration = Duration::from_secs(30);
@@ -451,4 +459,402 @@ mod postgres {
         insert_many_with_repeats,
         insert_many_claim_order,
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Workers on a real store, with faults placed where the new path is thin: between the
+// claim and the write that marks the request EXECUTING, and while outcomes are written.
+// ---------------------------------------------------------------------------------------
+
+type Hook =
+    Arc<dyn Fn(Arc<dyn RequestStore>, Vec<FencedWrite>) -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// A real store whose `write_batch` first runs a hook: another process's cancel landing
+/// just before a write, or a slow disk.
+struct Intercepted {
+    inner: Arc<dyn RequestStore>,
+    before_batch: Hook,
+}
+
+#[async_trait]
+impl RequestStore for Intercepted {
+    async fn insert(&self, request: NewRequest, max_attempts: u32) -> Result<InsertOutcome> {
+        self.inner.insert(request, max_attempts).await
+    }
+    async fn insert_many(
+        &self,
+        requests: Vec<NewRequest>,
+        max_attempts: u32,
+    ) -> Result<Vec<InsertOutcome>> {
+        self.inner.insert_many(requests, max_attempts).await
+    }
+    async fn get(&self, id: &RequestId) -> Result<Option<Request>> {
+        self.inner.get(id).await
+    }
+    async fn list(&self, filter: &ListFilter) -> Result<RequestPage> {
+        self.inner.list(filter).await
+    }
+    async fn claim(&self, owner: &str, limit: usize, lease: Duration) -> Result<Vec<Request>> {
+        self.inner.claim(owner, limit, lease).await
+    }
+    async fn claim_request(
+        &self,
+        id: &RequestId,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<Option<Request>> {
+        self.inner.claim_request(id, owner, lease).await
+    }
+    async fn mark_executing(&self, lease: &LeaseRef) -> Result<WriteOutcome> {
+        self.write_batch(&[FencedWrite::MarkExecuting(lease.clone())])
+            .await
+            .map(|o| o[0])
+    }
+    async fn record_progress(&self, lease: &LeaseRef, progress: &Progress) -> Result<WriteOutcome> {
+        self.inner.record_progress(lease, progress).await
+    }
+    async fn extend_lease(&self, lease: &LeaseRef, duration: Duration) -> Result<WriteOutcome> {
+        self.inner.extend_lease(lease, duration).await
+    }
+    async fn complete(&self, lease: &LeaseRef, results: &RequestResults) -> Result<WriteOutcome> {
+        self.write_batch(&[FencedWrite::Complete(lease.clone(), results.clone())])
+            .await
+            .map(|o| o[0])
+    }
+    async fn write_batch(&self, writes: &[FencedWrite]) -> Result<Vec<WriteOutcome>> {
+        (self.before_batch)(self.inner.clone(), writes.to_vec()).await;
+        self.inner.write_batch(writes).await
+    }
+    async fn fail_attempt(
+        &self,
+        lease: &LeaseRef,
+        error: &AttemptError,
+        retry_at: Option<DateTime<Utc>>,
+    ) -> Result<WriteOutcome> {
+        self.inner.fail_attempt(lease, error, retry_at).await
+    }
+    async fn release(&self, lease: &LeaseRef, reason: &str) -> Result<WriteOutcome> {
+        self.inner.release(lease, reason).await
+    }
+    async fn cancel(&self, id: &RequestId, reason: &str) -> Result<CancelOutcome> {
+        self.inner.cancel(id, reason).await
+    }
+    async fn rescue_expired(&self) -> Result<Vec<RescuedRequest>> {
+        self.inner.rescue_expired().await
+    }
+    async fn prune_finished(&self, before: DateTime<Utc>) -> Result<u64> {
+        self.inner.prune_finished(before).await
+    }
+    async fn count_by_status(&self) -> Result<BTreeMap<RequestStatus, u64>> {
+        self.inner.count_by_status().await
+    }
+    async fn ping(&self) -> Result<()> {
+        self.inner.ping().await
+    }
+}
+
+type Run = dyn Fn(Request, WorkflowContext) -> BoxFuture<'static, Result<RequestResults, WorkflowError>>
+    + Send
+    + Sync;
+
+/// An executor whose behaviour each test writes as a closure.
+struct Scripted(Arc<Run>);
+
+#[async_trait]
+impl WorkflowExecutor for Scripted {
+    async fn execute(
+        &self,
+        request: &Request,
+        ctx: &WorkflowContext,
+    ) -> Result<RequestResults, WorkflowError> {
+        (self.0)(request.clone(), ctx.clone()).await
+    }
+}
+
+fn scripted<F, Fut>(f: F) -> Scripted
+where
+    F: Fn(Request, WorkflowContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<RequestResults, WorkflowError>> + Send + 'static,
+{
+    Scripted(Arc::new(move |r, c| Box::pin(f(r, c))))
+}
+
+fn fast_config(max_concurrent_requests: usize) -> TableConfig {
+    let mut config = TableConfig::default();
+    config.max_concurrent_requests = max_concurrent_requests;
+    config.polling_interval = Duration::from_millis(50);
+    config.status_update_interval = Duration::from_secs(10);
+    config.lease_duration = LEASE;
+    config.shutdown_grace_period = Duration::from_secs(10);
+    config.cancel_grace_period = Duration::from_secs(10);
+    config.backoff = BackoffPolicy::new(Duration::from_millis(50), Duration::from_secs(1));
+    config
+}
+
+struct Workers {
+    orchestrator: RootOrchestrator,
+    stop: CancellationToken,
+    run: tokio::task::JoinHandle<Result<()>>,
+}
+
+fn start(store: Arc<dyn RequestStore>, config: TableConfig, executor: Scripted) -> Workers {
+    let orchestrator = RootOrchestrator::builder()
+        .strategy(TableStrategy::with_shared_store(store, config).unwrap())
+        .executor(TYPE, executor)
+        .build()
+        .unwrap();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn({
+        let orchestrator = orchestrator.clone();
+        let stop = stop.clone();
+        async move { orchestrator.run_with_token(stop).await }
+    });
+    Workers {
+        orchestrator,
+        stop,
+        run,
+    }
+}
+
+impl Workers {
+    async fn stop(self) {
+        self.stop.cancel();
+        self.run.await.unwrap().unwrap();
+    }
+}
+
+async fn wait_until<F: Fn() -> bool>(what: &str, done: F) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn wait_all_terminal(store: &dyn RequestStore, total: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let counts = store.count_by_status().await.unwrap();
+        let finished: u64 = counts
+            .iter()
+            .filter(|(s, _)| s.is_terminal())
+            .map(|(_, n)| n)
+            .sum();
+        if finished == total {
+            return;
+        }
+        assert!(Instant::now() < deadline, "still unfinished: {counts:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A cancel from elsewhere (another process, straight on the store) lands after the claim
+/// and before the write marking the request EXECUTING: that write is refused, and the
+/// executor must be told to stop at once, not left running until its grace period is
+/// over and then dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_between_claim_and_start_stops_the_executor() {
+    let (_dir, sqlite) = sqlite_open().await;
+    let store: Arc<dyn RequestStore> = Arc::new(Intercepted {
+        inner: Arc::new(sqlite),
+        before_batch: Arc::new(|inner, writes| {
+            Box::pin(async move {
+                for write in writes {
+                    if let FencedWrite::MarkExecuting(lease) = write {
+                        let outcome = inner.cancel(&lease.request_id, "elsewhere").await;
+                        assert!(matches!(outcome, Ok(CancelOutcome::Cancelled { .. })));
+                    }
+                }
+            })
+        }),
+    });
+    let saw_cancel = Arc::new(AtomicBool::new(false));
+    let finished = Arc::new(AtomicBool::new(false));
+    let executor = scripted({
+        let saw_cancel = saw_cancel.clone();
+        let finished = finished.clone();
+        move |_, ctx| {
+            let saw_cancel = saw_cancel.clone();
+            let finished = finished.clone();
+            async move {
+                let outcome = tokio::select! {
+                    _ = ctx.cancelled() => {
+                        saw_cancel.store(true, Ordering::SeqCst);
+                        Err(WorkflowError::cancelled())
+                    }
+                    _ = tokio::time::sleep(Duration::from_secs(20)) => Ok(results("kept")),
+                };
+                finished.store(true, Ordering::SeqCst);
+                outcome
+            }
+        }
+    });
+    let workers = start(store.clone(), fast_config(2), executor);
+    let id = workers.orchestrator.submit(request("x")).await.unwrap().id;
+
+    let started = Instant::now();
+    wait_until("the executor to stop", || finished.load(Ordering::SeqCst)).await;
+    assert!(
+        saw_cancel.load(Ordering::SeqCst),
+        "the executor was dropped instead of being told to stop"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let stored = store.get(&id).await.unwrap().unwrap();
+    assert_eq!(stored.status, RequestStatus::Cancelled);
+    assert_eq!(stored.results, None);
+    assert!(!path(&stored).contains(&RequestStatus::Executing));
+    workers.stop().await;
+}
+
+/// Many requests submitted as one batch, run by a few workers whose executors report
+/// progress at once, before the write marking them EXECUTING can have landed: every
+/// request completes exactly once along PENDING -> PROCESSING -> EXECUTING -> COMPLETED,
+/// no progress is refused, and never more executors run than there are slots.
+async fn a_batch_runs_through_once_each(store: Arc<dyn RequestStore>) {
+    const TOTAL: usize = 300;
+    const SLOTS: usize = 6;
+    let running = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let refused = Arc::new(Mutex::new(Vec::new()));
+    let executor = scripted({
+        let (running, most, refused) = (running.clone(), most.clone(), refused.clone());
+        move |request, ctx| {
+            let (running, most, refused) = (running.clone(), most.clone(), refused.clone());
+            async move {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                if let Err(err) = ctx.report_progress(Progress::at_stage("start", 10)).await {
+                    refused.lock().unwrap().push(err.to_string());
+                }
+                tokio::time::sleep(Duration::from_millis(fastrand::u64(0..4))).await;
+                if let Err(err) = ctx.report_progress(Progress::at_stage("end", 90)).await {
+                    refused.lock().unwrap().push(err.to_string());
+                }
+                running.fetch_sub(1, Ordering::SeqCst);
+                Ok(results(request.id.as_str()))
+            }
+        }
+    });
+    let workers = start(store.clone(), fast_config(SLOTS), executor);
+    let batch: Vec<NewRequest> = (0..TOTAL).map(|n| request(&format!("k{n}"))).collect();
+    let outcomes = workers.orchestrator.submit_many(batch).await.unwrap();
+    assert_eq!(outcomes.len(), TOTAL);
+    wait_all_terminal(&*store, TOTAL as u64).await;
+    workers.stop().await;
+
+    assert_eq!(refused.lock().unwrap().as_slice(), &[] as &[String]);
+    let most = most.load(Ordering::SeqCst);
+    assert!(
+        (2..=SLOTS).contains(&most),
+        "at most {most} executors at once"
+    );
+    let mut ids = HashSet::new();
+    for outcome in &outcomes {
+        let stored = store.get(&outcome.request().id).await.unwrap().unwrap();
+        assert!(ids.insert(stored.id.clone()));
+        assert_eq!(stored.status, RequestStatus::Completed, "{}", stored.id);
+        assert_eq!(stored.results, Some(results(stored.id.as_str())));
+        assert_eq!(stored.attempts, 1);
+        assert_eq!(
+            path(&stored),
+            [
+                RequestStatus::Pending,
+                RequestStatus::Processing,
+                RequestStatus::Executing,
+                RequestStatus::Completed
+            ],
+            "{}",
+            stored.id
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_runs_through_once_each_on_an_opened_sqlite_file() {
+    let (_dir, store) = sqlite_open().await;
+    a_batch_runs_through_once_each(Arc::new(store)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_runs_through_once_each_on_a_shared_one_connection_pool() {
+    let (_dir, store) = sqlite_shared_pool().await;
+    a_batch_runs_through_once_each(Arc::new(store)).await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_runs_through_once_each_on_postgres() {
+    let schema = pg::fresh_schema("batching");
+    let store = pg::connect(&schema, 6).await;
+    a_batch_runs_through_once_each(Arc::new(store.clone())).await;
+    store.close().await;
+    pg::drop_schema(&schema).await;
+}
+
+/// Shutdown while final writes are slow to commit: executors that returned before the
+/// shutdown keep their outcome (the drain waits for the write, though their slot is
+/// already free), the ones still running past the grace period are handed back, and
+/// nothing is left PROCESSING or EXECUTING.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_keeps_pending_final_writes_and_hands_back_the_rest() {
+    let (_dir, sqlite) = sqlite_open().await;
+    let store: Arc<dyn RequestStore> = Arc::new(Intercepted {
+        inner: Arc::new(sqlite),
+        before_batch: Arc::new(|_, writes| {
+            Box::pin(async move {
+                if writes
+                    .iter()
+                    .any(|w| matches!(w, FencedWrite::Complete(..)))
+                {
+                    tokio::time::sleep(Duration::from_millis(400)).await;
+                }
+            })
+        }),
+    });
+    let returned = Arc::new(AtomicUsize::new(0));
+    let executor = scripted({
+        let returned = returned.clone();
+        move |request, ctx| {
+            let returned = returned.clone();
+            async move {
+                if request.configuration.keywords[0] == "slow" {
+                    // Ignores the shutdown: only the hand-back stops it.
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                }
+                ctx.report_progress(Progress::at_stage("done", 100)).await?;
+                returned.fetch_add(1, Ordering::SeqCst);
+                Ok(results(request.id.as_str()))
+            }
+        }
+    });
+    let mut config = fast_config(8);
+    config.shutdown_grace_period = Duration::from_millis(300);
+    let workers = start(store.clone(), config, executor);
+    let mut batch: Vec<NewRequest> = (0..6).map(|n| request(&format!("quick{n}"))).collect();
+    batch.extend((0..2).map(|_| request("slow")));
+    let outcomes = workers.orchestrator.submit_many(batch).await.unwrap();
+    wait_until("the quick executors to return", || {
+        returned.load(Ordering::SeqCst) == 6
+    })
+    .await;
+    // Their completions are now waiting on the slow commit.
+    let stopped = Instant::now();
+    workers.stop().await;
+    assert!(stopped.elapsed() < Duration::from_secs(5));
+
+    for outcome in outcomes {
+        let stored = store.get(&outcome.request().id).await.unwrap().unwrap();
+        if stored.configuration.keywords[0] == "slow" {
+            assert_eq!(stored.status, RequestStatus::Pending, "{}", stored.id);
+            assert_eq!(stored.attempts, 0, "a hand-back does not count the attempt");
+            assert_eq!(stored.lease, None);
+        } else {
+            assert_eq!(stored.status, RequestStatus::Completed, "{}", stored.id);
+            assert_eq!(stored.results, Some(results(stored.id.as_str())));
+        }
+    }
 }
