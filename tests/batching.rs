@@ -858,3 +858,89 @@ async fn shutdown_keeps_pending_final_writes_and_hands_back_the_rest() {
         }
     }
 }
+
+/// Where the second process of [`two_processes_share_one_sqlite_file`] finds the file.
+const SHARED_FILE: &str = "ROOT_ORCHESTRATOR_BATCHING_SHARED_FILE";
+const SHARED_TOTAL: u64 = 240;
+
+/// Completes each request with the id of the process that ran it.
+fn tagging_executor() -> Scripted {
+    scripted(|request, ctx| async move {
+        ctx.report_progress(Progress::at_stage("run", 50)).await?;
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(1..4))).await;
+        Ok(RequestResults::new(
+            None,
+            serde_json::json!({ "id": request.id.as_str(), "pid": std::process::id() }),
+        ))
+    })
+}
+
+/// Two processes work one SQLite file, each with its own single writer connection: every
+/// request runs once, by one of them, and both take part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_share_one_sqlite_file() {
+    if let Ok(file) = std::env::var(SHARED_FILE) {
+        // This is the second process, started by the test below: work until all is done.
+        let store = SqliteStore::open(&file).await.unwrap();
+        let workers = start(Arc::new(store.clone()), fast_config(4), tagging_executor());
+        std::fs::write(format!("{file}.ready"), b"ready").unwrap();
+        wait_all_terminal(&store, SHARED_TOTAL).await;
+        workers.stop().await;
+        return;
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("shared.db");
+    let store = SqliteStore::open(&file).await.unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "two_processes_share_one_sqlite_file",
+            "--exact",
+            "--test-threads=1",
+        ])
+        .env(SHARED_FILE, &file)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let ready = file.with_extension("db.ready");
+    wait_until("the second process to start", || ready.exists()).await;
+
+    let workers = start(Arc::new(store.clone()), fast_config(4), tagging_executor());
+    let mut ids = Vec::new();
+    for chunk in 0..2 {
+        let batch: Vec<NewRequest> = (0..SHARED_TOTAL / 2)
+            .map(|n| request(&format!("c{chunk}n{n}")))
+            .collect();
+        let outcomes = workers.orchestrator.submit_many(batch).await.unwrap();
+        ids.extend(outcomes.into_iter().map(|o| o.into_request().id));
+    }
+    wait_all_terminal(&store, SHARED_TOTAL).await;
+    workers.stop().await;
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "the second process failed: {exit}");
+
+    let mut pids = HashSet::new();
+    for id in ids {
+        let stored = store.get(&id).await.unwrap().unwrap();
+        assert_eq!(stored.status, RequestStatus::Completed, "{id}");
+        assert_eq!(stored.attempts, 1, "{id}");
+        assert_eq!(
+            path(&stored),
+            [
+                RequestStatus::Pending,
+                RequestStatus::Processing,
+                RequestStatus::Executing,
+                RequestStatus::Completed
+            ],
+            "{id}"
+        );
+        let summary = stored.results.unwrap().summary;
+        assert_eq!(summary["id"], id.as_str());
+        pids.insert(summary["pid"].as_u64().unwrap());
+    }
+    assert_eq!(pids.len(), 2, "both processes ran requests: {pids:?}");
+    assert!(pids.contains(&u64::from(std::process::id())));
+}
