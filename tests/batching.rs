@@ -553,20 +553,15 @@ impl RequestStore for Intercepted {
     }
 }
 
-type Run = dyn Fn(Request, WorkflowContext) -> BoxFuture<'static, Result<RequestResults, WorkflowError>>
-    + Send
-    + Sync;
+type Outcome = std::result::Result<RequestResults, WorkflowError>;
+type Run = dyn Fn(Request, WorkflowContext) -> BoxFuture<'static, Outcome> + Send + Sync;
 
 /// An executor whose behaviour each test writes as a closure.
 struct Scripted(Arc<Run>);
 
 #[async_trait]
 impl WorkflowExecutor for Scripted {
-    async fn execute(
-        &self,
-        request: &Request,
-        ctx: &WorkflowContext,
-    ) -> Result<RequestResults, WorkflowError> {
+    async fn execute(&self, request: &Request, ctx: &WorkflowContext) -> Outcome {
         (self.0)(request.clone(), ctx.clone()).await
     }
 }
@@ -574,7 +569,7 @@ impl WorkflowExecutor for Scripted {
 fn scripted<F, Fut>(f: F) -> Scripted
 where
     F: Fn(Request, WorkflowContext) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<RequestResults, WorkflowError>> + Send + 'static,
+    Fut: Future<Output = Outcome> + Send + 'static,
 {
     Scripted(Arc::new(move |r, c| Box::pin(f(r, c))))
 }

@@ -190,7 +190,9 @@ async fn run_leased(
                         break Wake::Cancelled;
                     }
                     None => {
-                        tracing::warn!("could not mark the request executing; stopping the executor");
+                        tracing::warn!(
+                            "could not mark the request executing; stopping the executor"
+                        );
                         cancel.cancel();
                         break Wake::Cancelled;
                     }
