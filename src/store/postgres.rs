@@ -9,7 +9,7 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow}
 use sqlx::{Row, migrate::Migrator};
 use tokio::sync::mpsc;
 
-use super::row::{BatchRow, BatchRows, StoredRow, history_entry, to_json, unreadable};
+use super::row::{BatchRow, BatchRows, StoredRow, history_entry, to_json, unique_runs, unreadable};
 use super::{
     CancelOutcome, FencedWrite, InsertOutcome, LeaseRef, ListFilter, RequestPage, RequestStore,
     RescuedRequest, StoreEvent, StoreEvents, WriteOutcome, expired_lease_error,
@@ -751,8 +751,38 @@ impl RequestStore for PostgresStore {
     }
 
     async fn write_batch(&self, writes: &[FencedWrite]) -> Result<Vec<WriteOutcome>> {
-        let rows = BatchRows::of(writes);
         let fail = |e| Error::store("write_batch", e);
+        let runs = unique_runs(writes);
+        if runs.len() > 1 {
+            // Run after run in one transaction; a refusal reports the status the request
+            // had when its write came, not the one a later run gave it.
+            let mut tx = self.pool.begin().await.map_err(fail)?;
+            let mut outcomes = Vec::with_capacity(writes.len());
+            for run in runs {
+                let applied = apply_batch(&mut tx, &BatchRows::of(run))
+                    .await
+                    .map_err(fail)?;
+                for write in run {
+                    let id = write.lease().request_id.as_str();
+                    if applied.contains(id) {
+                        outcomes.push(WriteOutcome::Applied);
+                        continue;
+                    }
+                    let current: Option<String> =
+                        sqlx::query_scalar("SELECT status FROM requests WHERE id = $1")
+                            .bind(id)
+                            .fetch_optional(&mut *tx)
+                            .await
+                            .map_err(fail)?;
+                    let current = current.map(|s| s.parse()).transpose()?;
+                    outcomes.push(WriteOutcome::Rejected { current });
+                }
+            }
+            tx.commit().await.map_err(fail)?;
+            return Ok(outcomes);
+        }
+
+        let rows = BatchRows::of(writes);
         let applied = if rows.is_mixed() {
             let mut tx = self.pool.begin().await.map_err(fail)?;
             let applied = apply_batch(&mut tx, &rows).await.map_err(fail)?;

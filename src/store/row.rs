@@ -190,3 +190,25 @@ impl BatchRows {
         !self.executing.is_empty() && !self.completing.is_empty()
     }
 }
+
+/// Splits a batch into consecutive runs in which no request is written twice. Within a run
+/// each request's row is touched once, so a set-based statement per kind gives every write
+/// the outcome it would have alone; a request written again (a stale attempt's write beside
+/// the current one's, or one write repeated) must see the run before it, as writes made one
+/// by one would.
+pub(crate) fn unique_runs(writes: &[super::FencedWrite]) -> Vec<&[super::FencedWrite]> {
+    let mut runs = Vec::new();
+    let mut start = 0;
+    let mut seen = std::collections::HashSet::new();
+    for (i, write) in writes.iter().enumerate() {
+        let id = write.lease().request_id.as_str();
+        if !seen.insert(id) {
+            runs.push(&writes[start..i]);
+            start = i;
+            seen.clear();
+            seen.insert(id);
+        }
+    }
+    runs.push(&writes[start..]);
+    runs
+}

@@ -184,10 +184,16 @@ async fn run_leased(
                             status = describe(current),
                             "request taken away as it started; stopping the executor",
                         );
+                        // Told, as a cancel tells it, so that it stops cleanly instead of
+                        // running on until its grace period is over and being dropped.
+                        cancel.cancel();
                         break Wake::Cancelled;
                     }
                     None => {
-                        tracing::warn!("could not mark the request executing; stopping the executor");
+                        tracing::warn!(
+                            "could not mark the request executing; stopping the executor"
+                        );
+                        cancel.cancel();
                         break Wake::Cancelled;
                     }
                 }
