@@ -227,6 +227,8 @@ async fn run_leased(
             // Whatever the executor returns once told to stop is not kept: the attempt
             // failed by running too long, and a retry may fare better.
             cancel.cancel();
+            // The failure is written after the EXECUTING write, as every outcome is.
+            let _ = marked.clone().await;
             if tokio::time::timeout(settings.cancel_grace_period, &mut task)
                 .await
                 .is_err()

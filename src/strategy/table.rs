@@ -61,8 +61,9 @@ struct Inner {
     worker_id: String,
     /// Woken by local submits, finished attempts, rescues and due retries.
     wake: Notify,
-    /// Cancellation handles of the requests this process is running.
-    running: Mutex<HashMap<RequestId, CancellationToken>>,
+    /// Cancellation handles of the requests this process is running; each attempt has its
+    /// own handle, so a finished attempt removes only its own.
+    running: Mutex<HashMap<RequestId, Arc<CancellationToken>>>,
     /// Whether `run` is under way: a second claim loop would break the concurrency limit.
     active: std::sync::atomic::AtomicBool,
 }
@@ -130,7 +131,7 @@ impl TableStrategy {
 }
 
 impl Inner {
-    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<RequestId, CancellationToken>> {
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<RequestId, Arc<CancellationToken>>> {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -387,7 +388,8 @@ impl TableStrategy {
                                 break;
                             };
                             let cancel = CancellationToken::new();
-                            inner.running().insert(request.id.clone(), cancel.clone());
+                            let handle = Arc::new(cancel.clone());
+                            inner.running().insert(request.id.clone(), handle.clone());
                             let inner = inner.clone();
                             let executors = executors.clone();
                             let hand_back = hand_back.clone();
@@ -409,7 +411,16 @@ impl TableStrategy {
                                         })),
                                     )
                                     .await;
-                                    inner.running().remove(&id);
+                                    // The request may be running again already, as a
+                                    // retry this process claimed while this attempt's
+                                    // outcome was being written: keep that one's handle.
+                                    {
+                                        let mut running = inner.running();
+                                        if running.get(&id).is_some_and(|h| Arc::ptr_eq(h, &handle))
+                                        {
+                                            running.remove(&id);
+                                        }
+                                    }
                                     inner.wake.notify_one();
                                     if let AttemptEnd::RetryScheduled(at) = end {
                                         wake_at(inner, at);
