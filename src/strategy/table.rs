@@ -26,6 +26,9 @@ const STRATEGY: &str = "table";
 /// can take as long as several quick requests.
 const UNWRITTEN_PER_SLOT: usize = 4;
 
+/// The longest pause between claims while the store keeps failing.
+const CLAIM_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Requests live in a database table; this process's workers claim them.
 ///
 /// - Up to [`TableConfig::max_concurrent_requests`] requests run at once, claimed by
@@ -363,6 +366,7 @@ impl TableStrategy {
             "workers started"
         );
 
+        let mut claim_failures = 0u32;
         while !shutdown.is_cancelled() {
             while attempts.try_join_next().is_some() {}
 
@@ -382,6 +386,7 @@ impl TableStrategy {
                     .await
                 {
                     Ok(claimed) => {
+                        claim_failures = 0;
                         for request in claimed {
                             // Only this loop takes permits, and `free` were available.
                             let Ok(permit) = slots.clone().try_acquire_owned() else {
@@ -431,15 +436,32 @@ impl TableStrategy {
                         }
                     }
                     Err(err) => {
-                        tracing::warn!(parent: &span, error = %err, "claim failed; will try again")
+                        claim_failures += 1;
+                        tracing::warn!(
+                            parent: &span,
+                            error = %err,
+                            failures = claim_failures,
+                            "claim failed; will try again",
+                        )
                     }
                 }
             }
 
+            // While the store fails, wait longer each time (up to 10 s, or the polling
+            // interval if that is longer), so an outage is not met with a claim and a
+            // warning every interval; wake-ups still cut the wait short.
+            let pause = if claim_failures == 0 {
+                config.polling_interval
+            } else {
+                config
+                    .polling_interval
+                    .saturating_mul(1 << claim_failures.min(10))
+                    .min(CLAIM_BACKOFF_MAX.max(config.polling_interval))
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = inner.wake.notified() => {}
-                _ = tokio::time::sleep(config.polling_interval) => {}
+                _ = tokio::time::sleep(pause) => {}
             }
         }
 
@@ -484,4 +506,56 @@ fn wake_at(inner: Arc<Inner>, at: chrono::DateTime<chrono::Utc>) {
         tokio::time::sleep(delay).await;
         inner.wake.notify_one();
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::store::MockRequestStore;
+
+    /// A store that is down: every claim fails, and the claim loop must slow down.
+    #[tokio::test(start_paused = true)]
+    async fn claims_back_off_while_the_store_fails() {
+        let claims = Arc::new(AtomicU32::new(0));
+        let mut store = MockRequestStore::new();
+        store.expect_claim().returning({
+            let claims = claims.clone();
+            move |_, _, _| {
+                claims.fetch_add(1, Ordering::SeqCst);
+                Err(crate::Error::store("claim", "connection refused"))
+            }
+        });
+        store
+            .expect_rescue_expired()
+            .returning(|| Err(crate::Error::store("rescue", "connection refused")));
+        store
+            .expect_count_by_status()
+            .returning(|| Err(crate::Error::store("count", "connection refused")));
+        store.expect_subscribe().returning(|| None);
+
+        let mut config = TableConfig::default();
+        config.polling_interval = Duration::from_millis(100);
+        let strategy = TableStrategy::new(store, config).unwrap();
+        let shutdown = CancellationToken::new();
+        let run = tokio::spawn({
+            let strategy = strategy.clone();
+            let shutdown = shutdown.clone();
+            async move {
+                strategy
+                    .run(Arc::new(ExecutorRegistry::default()), shutdown)
+                    .await
+            }
+        });
+
+        // 60 s of outage: polling every 100 ms would claim 600 times; doubling pauses up
+        // to 10 s claim 1 + 10 times to reach the cap (about 20 s), then every 10 s.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        shutdown.cancel();
+        run.await.unwrap().unwrap();
+        let made = claims.load(Ordering::SeqCst);
+        assert!((10..=20).contains(&made), "{made} claims in 60 s");
+    }
 }
