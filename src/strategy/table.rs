@@ -536,8 +536,10 @@ mod tests {
             .returning(|| Err(crate::Error::store("count", "connection refused")));
         store.expect_subscribe().returning(|| None);
 
-        let mut config = TableConfig::default();
-        config.polling_interval = Duration::from_millis(100);
+        let config = TableConfig {
+            polling_interval: Duration::from_millis(100),
+            ..TableConfig::default()
+        };
         let strategy = TableStrategy::new(store, config).unwrap();
         let shutdown = CancellationToken::new();
         let run = tokio::spawn({
