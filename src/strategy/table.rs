@@ -4,6 +4,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -25,6 +27,9 @@ const STRATEGY: &str = "table";
 /// claims pause. A write takes a commit or two, and a commit on a disk-flushing database
 /// can take as long as several quick requests.
 const UNWRITTEN_PER_SLOT: usize = 4;
+
+/// Claims that may be under way at once.
+const CLAIMS_IN_FLIGHT: usize = 2;
 
 /// The longest pause between claims while the store keeps failing.
 const CLAIM_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(10);
@@ -367,84 +372,34 @@ impl TableStrategy {
         );
 
         let mut claim_failures = 0u32;
+        // Claims under way, each holding the slots it may fill. A second claim may start
+        // while the first waits for its commit, so slots that free up meanwhile do not
+        // wait a whole round trip for it.
+        let mut claims = FuturesUnordered::new();
+        let mut reserved = 0usize;
         while !shutdown.is_cancelled() {
             while attempts.try_join_next().is_some() {}
 
             // A slot frees up when its executor returns, before the outcome is written; the
             // claims pause while too many outcomes wait to be written, so a store slower to
             // write than the executors are to finish cannot pile up leases.
-            let unwritten = attempts
-                .len()
-                .saturating_sub(config.max_concurrent_requests - slots.available_permits());
+            let running = config
+                .max_concurrent_requests
+                .saturating_sub(slots.available_permits() + reserved);
+            let unwritten = attempts.len().saturating_sub(running);
             let free = slots.available_permits().min(
                 (config.max_concurrent_requests * UNWRITTEN_PER_SLOT).saturating_sub(unwritten),
             );
-            if free > 0 {
-                match inner
-                    .store
-                    .claim(&inner.worker_id, free, config.lease_duration)
-                    .await
-                {
-                    Ok(claimed) => {
-                        claim_failures = 0;
-                        for request in claimed {
-                            // Only this loop takes permits, and `free` were available.
-                            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                                break;
-                            };
-                            let cancel = CancellationToken::new();
-                            let handle = Arc::new(cancel.clone());
-                            inner.running().insert(request.id.clone(), handle.clone());
-                            let inner = inner.clone();
-                            let executors = executors.clone();
-                            let hand_back = hand_back.clone();
-                            let settings = self.attempt_settings();
-                            attempts.spawn(
-                                async move {
-                                    let id = request.id.clone();
-                                    let end = run_attempt(
-                                        inner.store.clone(),
-                                        inner.writer.clone(),
-                                        executors,
-                                        request,
-                                        settings,
-                                        cancel,
-                                        hand_back,
-                                        Some(Box::new(SlotGuard {
-                                            permit: Some(permit),
-                                            inner: inner.clone(),
-                                        })),
-                                    )
-                                    .await;
-                                    // The request may be running again already, as a
-                                    // retry this process claimed while this attempt's
-                                    // outcome was being written: keep that one's handle.
-                                    {
-                                        let mut running = inner.running();
-                                        if running.get(&id).is_some_and(|h| Arc::ptr_eq(h, &handle))
-                                        {
-                                            running.remove(&id);
-                                        }
-                                    }
-                                    inner.wake.notify_one();
-                                    if let AttemptEnd::RetryScheduled(at) = end {
-                                        wake_at(inner, at);
-                                    }
-                                }
-                                .instrument(span.clone()),
-                            );
-                        }
-                    }
-                    Err(err) => {
-                        claim_failures += 1;
-                        tracing::warn!(
-                            parent: &span,
-                            error = %err,
-                            failures = claim_failures,
-                            "claim failed; will try again",
-                        )
-                    }
-                }
+            if free > 0 && claims.len() < CLAIMS_IN_FLIGHT {
+                let permits = slots
+                    .clone()
+                    .try_acquire_many_owned(free as u32)
+                    .expect("only this loop takes permits, and `free` are available");
+                reserved += free;
+                let store = inner.store.clone();
+                let owner = inner.worker_id.clone();
+                let lease = config.lease_duration;
+                claims.push(async move { (store.claim(&owner, free, lease).await, permits) });
             }
 
             // While the store fails, wait longer each time (up to 10 s, or the polling
@@ -460,8 +415,59 @@ impl TableStrategy {
             };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
+                Some((claimed, mut permits)) = claims.next(), if !claims.is_empty() => {
+                    reserved -= permits.num_permits();
+                    match claimed {
+                        Ok(claimed) => {
+                            claim_failures = 0;
+                            for request in claimed {
+                                let Some(permit) = permits.split(1) else { break };
+                                self.start_attempt(
+                                    &mut attempts,
+                                    &executors,
+                                    &hand_back,
+                                    &span,
+                                    request,
+                                    permit,
+                                );
+                            }
+                        }
+                        Err(err) => {
+                            claim_failures += 1;
+                            tracing::warn!(
+                                parent: &span,
+                                error = %err,
+                                failures = claim_failures,
+                                "claim failed; will try again",
+                            );
+                            // Back off before the next claim rather than retry at once.
+                            drop(permits);
+                            tokio::select! {
+                                _ = shutdown.cancelled() => break,
+                                _ = tokio::time::sleep(pause) => {}
+                            }
+                        }
+                    }
+                }
                 _ = inner.wake.notified() => {}
                 _ = tokio::time::sleep(pause) => {}
+            }
+        }
+
+        // Claims still under way finish, and what they took is handed back unrun: the
+        // shutdown began before these requests could start.
+        while let Some((claimed, _permits)) = claims.next().await {
+            for request in claimed.unwrap_or_default() {
+                if let Some(lease) = crate::store::LeaseRef::of(&request) {
+                    if let Err(err) = inner.store.release(&lease, "handed back at shutdown").await {
+                        tracing::warn!(
+                            parent: &span,
+                            request_id = %request.id,
+                            error = %err,
+                            "could not hand back a request claimed as shutdown began",
+                        );
+                    }
+                }
             }
         }
 
@@ -480,6 +486,61 @@ impl TableStrategy {
         }
         tracing::info!(parent: &span, "workers stopped");
         Ok(())
+    }
+}
+
+impl TableStrategy {
+    /// Runs a claimed request in `permit`'s slot.
+    fn start_attempt(
+        &self,
+        attempts: &mut JoinSet<()>,
+        executors: &Arc<ExecutorRegistry>,
+        hand_back: &CancellationToken,
+        span: &tracing::Span,
+        request: Request,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        let inner = self.inner.clone();
+        let cancel = CancellationToken::new();
+        let handle = Arc::new(cancel.clone());
+        inner.running().insert(request.id.clone(), handle.clone());
+        let executors = executors.clone();
+        let hand_back = hand_back.clone();
+        let settings = self.attempt_settings();
+        attempts.spawn(
+            async move {
+                let id = request.id.clone();
+                let slot = SlotGuard {
+                    permit: Some(permit),
+                    inner: inner.clone(),
+                };
+                let end = run_attempt(
+                    inner.store.clone(),
+                    inner.writer.clone(),
+                    executors,
+                    request,
+                    settings,
+                    cancel,
+                    hand_back,
+                    Some(Box::new(slot)),
+                )
+                .await;
+                // The request may be running again already, as a retry this process
+                // claimed while this attempt's outcome was being written: keep that one's
+                // handle.
+                {
+                    let mut running = inner.running();
+                    if running.get(&id).is_some_and(|h| Arc::ptr_eq(h, &handle)) {
+                        running.remove(&id);
+                    }
+                }
+                inner.wake.notify_one();
+                if let AttemptEnd::RetryScheduled(at) = end {
+                    wake_at(inner, at);
+                }
+            }
+            .instrument(span.clone()),
+        );
     }
 }
 
