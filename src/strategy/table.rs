@@ -458,15 +458,16 @@ impl TableStrategy {
         // shutdown began before these requests could start.
         while let Some((claimed, _permits)) = claims.next().await {
             for request in claimed.unwrap_or_default() {
-                if let Some(lease) = crate::store::LeaseRef::of(&request) {
-                    if let Err(err) = inner.store.release(&lease, "handed back at shutdown").await {
-                        tracing::warn!(
-                            parent: &span,
-                            request_id = %request.id,
-                            error = %err,
-                            "could not hand back a request claimed as shutdown began",
-                        );
-                    }
+                let Some(lease) = crate::store::LeaseRef::of(&request) else {
+                    continue;
+                };
+                if let Err(err) = inner.store.release(&lease, "handed back at shutdown").await {
+                    tracing::warn!(
+                        parent: &span,
+                        request_id = %request.id,
+                        error = %err,
+                        "could not hand back a request claimed as shutdown began",
+                    );
                 }
             }
         }
