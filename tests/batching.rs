@@ -474,6 +474,9 @@ type Hook =
 struct Intercepted {
     inner: Arc<dyn RequestStore>,
     before_batch: Hook,
+    /// How long each claim's answer takes to come back from the store: a slow round trip,
+    /// during which the claim has already taken its requests.
+    claim_delay: Duration,
 }
 
 #[async_trait]
@@ -495,7 +498,9 @@ impl RequestStore for Intercepted {
         self.inner.list(filter).await
     }
     async fn claim(&self, owner: &str, limit: usize, lease: Duration) -> Result<Vec<Request>> {
-        self.inner.claim(owner, limit, lease).await
+        let claimed = self.inner.claim(owner, limit, lease).await;
+        tokio::time::sleep(self.claim_delay).await;
+        claimed
     }
     async fn claim_request(
         &self,
@@ -652,6 +657,7 @@ async fn a_cancel_between_claim_and_start_stops_the_executor() {
     let (_dir, sqlite) = sqlite_open().await;
     let store: Arc<dyn RequestStore> = Arc::new(Intercepted {
         inner: Arc::new(sqlite),
+        claim_delay: Duration::ZERO,
         before_batch: Arc::new(|inner, writes| {
             Box::pin(async move {
                 for write in writes {
@@ -799,6 +805,7 @@ async fn shutdown_keeps_pending_final_writes_and_hands_back_the_rest() {
     let (_dir, sqlite) = sqlite_open().await;
     let store: Arc<dyn RequestStore> = Arc::new(Intercepted {
         inner: Arc::new(sqlite),
+        claim_delay: Duration::ZERO,
         before_batch: Arc::new(|_, writes| {
             Box::pin(async move {
                 if writes
@@ -938,4 +945,58 @@ async fn two_processes_share_one_sqlite_file() {
     }
     assert_eq!(pids.len(), 2, "both processes ran requests: {pids:?}");
     assert!(pids.contains(&u64::from(std::process::id())));
+}
+
+/// A shutdown that begins while a claim is on its way to the store: whatever that claim
+/// takes is handed back unrun, not started after the signal and not left PROCESSING.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_under_way_at_shutdown_hands_back_what_it_took() {
+    let (_dir, sqlite) = sqlite_open().await;
+    let sqlite: Arc<dyn RequestStore> = Arc::new(sqlite);
+    let store: Arc<dyn RequestStore> = Arc::new(Intercepted {
+        inner: sqlite.clone(),
+        before_batch: Arc::new(|_, _| Box::pin(async {})),
+        claim_delay: Duration::from_millis(400),
+    });
+    let started = Arc::new(AtomicUsize::new(0));
+    let executor = scripted({
+        let started = started.clone();
+        move |_, _| {
+            started.fetch_add(1, Ordering::SeqCst);
+            async { Ok(results("ran")) }
+        }
+    });
+    let ids: Vec<RequestId> = sqlite
+        .insert_many((0..3).map(|i| request(&format!("late-{i}"))).collect(), 3)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.request().id.clone())
+        .collect();
+
+    // The first claim takes all three at once; its answer is still on its way when the
+    // shutdown begins.
+    let workers = start(store, fast_config(4), executor);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        status_of(&*sqlite, &ids[0]).await,
+        Some(RequestStatus::Processing),
+        "the claim has taken the requests"
+    );
+    workers.stop().await;
+
+    assert_eq!(
+        started.load(Ordering::SeqCst),
+        0,
+        "nothing may start after the signal"
+    );
+    for id in &ids {
+        let request = sqlite.get(id).await.unwrap().unwrap();
+        assert_eq!(request.status, RequestStatus::Pending, "{id}");
+        assert_eq!(
+            request.attempts, 0,
+            "{id}: a hand-back does not count the attempt"
+        );
+        assert!(request.lease.is_none(), "{id}");
+    }
 }
