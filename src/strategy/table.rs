@@ -377,6 +377,9 @@ impl TableStrategy {
         // wait a whole round trip for it.
         let mut claims = FuturesUnordered::new();
         let mut reserved = 0usize;
+        // Whether a claim may find work: not after one came back short, until a wake-up
+        // or the poll says otherwise; an idle worker must not claim in a loop.
+        let mut may_find_work = true;
         while !shutdown.is_cancelled() {
             while attempts.try_join_next().is_some() {}
 
@@ -390,7 +393,7 @@ impl TableStrategy {
             let free = slots.available_permits().min(
                 (config.max_concurrent_requests * UNWRITTEN_PER_SLOT).saturating_sub(unwritten),
             );
-            if free > 0 && claims.len() < CLAIMS_IN_FLIGHT {
+            if free > 0 && claims.len() < CLAIMS_IN_FLIGHT && may_find_work {
                 let permits = slots
                     .clone()
                     .try_acquire_many_owned(free as u32)
@@ -416,10 +419,12 @@ impl TableStrategy {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 Some((claimed, mut permits)) = claims.next(), if !claims.is_empty() => {
-                    reserved -= permits.num_permits();
+                    let asked = permits.num_permits();
+                    reserved -= asked;
                     match claimed {
                         Ok(claimed) => {
                             claim_failures = 0;
+                            may_find_work = claimed.len() == asked;
                             for request in claimed {
                                 let Some(permit) = permits.split(1) else { break };
                                 self.start_attempt(
@@ -434,23 +439,18 @@ impl TableStrategy {
                         }
                         Err(err) => {
                             claim_failures += 1;
+                            may_find_work = false;
                             tracing::warn!(
                                 parent: &span,
                                 error = %err,
                                 failures = claim_failures,
                                 "claim failed; will try again",
                             );
-                            // Back off before the next claim rather than retry at once.
-                            drop(permits);
-                            tokio::select! {
-                                _ = shutdown.cancelled() => break,
-                                _ = tokio::time::sleep(pause) => {}
-                            }
                         }
                     }
                 }
-                _ = inner.wake.notified() => {}
-                _ = tokio::time::sleep(pause) => {}
+                _ = inner.wake.notified() => may_find_work = true,
+                _ = tokio::time::sleep(pause) => may_find_work = true,
             }
         }
 
@@ -577,6 +577,52 @@ mod tests {
 
     use super::*;
     use crate::store::MockRequestStore;
+
+    /// An idle worker over a store that answers at once: it claims once per poll, not in a
+    /// loop that would hammer the store and starve the runtime.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_worker_claims_once_per_poll() {
+        let claims = Arc::new(AtomicU32::new(0));
+        let mut store = MockRequestStore::new();
+        store.expect_claim().returning({
+            let claims = claims.clone();
+            move |_, _, _| {
+                claims.fetch_add(1, Ordering::SeqCst);
+                Ok(Vec::new())
+            }
+        });
+        store.expect_rescue_expired().returning(|| Ok(Vec::new()));
+        store
+            .expect_count_by_status()
+            .returning(|| Ok(Default::default()));
+        store.expect_subscribe().returning(|| None);
+
+        let config = TableConfig {
+            polling_interval: Duration::from_millis(100),
+            max_concurrent_requests: 4,
+            ..TableConfig::default()
+        };
+        let strategy = TableStrategy::new(store, config).unwrap();
+        let shutdown = CancellationToken::new();
+        let run = tokio::spawn({
+            let strategy = strategy.clone();
+            let shutdown = shutdown.clone();
+            async move {
+                strategy
+                    .run(Arc::new(ExecutorRegistry::default()), shutdown)
+                    .await
+            }
+        });
+
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        shutdown.cancel();
+        run.await.unwrap().unwrap();
+        let made = claims.load(Ordering::SeqCst);
+        assert!(
+            (5..=15).contains(&made),
+            "{made} claims in 1 s at a 100 ms poll"
+        );
+    }
 
     /// A store that is down: every claim fails, and the claim loop must slow down.
     #[tokio::test(start_paused = true)]
