@@ -578,20 +578,28 @@ mod tests {
     use super::*;
     use crate::store::MockRequestStore;
 
-    /// An idle worker over a store that answers at once: it claims once per poll, not in a
-    /// loop that would hammer the store and starve the runtime.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_idle_worker_claims_once_per_poll() {
+    /// Runs workers polling every 100 ms over a store whose every claim answers `claim`,
+    /// for `running`; returns how many claims they made.
+    async fn claims_made(
+        claim: fn() -> Result<Vec<Request>>,
+        store_is_down: bool,
+        running: Duration,
+    ) -> u32 {
         let claims = Arc::new(AtomicU32::new(0));
         let mut store = MockRequestStore::new();
         store.expect_claim().returning({
             let claims = claims.clone();
             move |_, _, _| {
                 claims.fetch_add(1, Ordering::SeqCst);
-                Ok(Vec::new())
+                claim()
             }
         });
-        store.expect_rescue_expired().returning(|| Ok(Vec::new()));
+        store
+            .expect_rescue_expired()
+            .returning(move || match store_is_down {
+                true => Err(crate::Error::store("rescue", "connection refused")),
+                false => Ok(Vec::new()),
+            });
         store
             .expect_count_by_status()
             .returning(|| Ok(Default::default()));
@@ -613,11 +621,17 @@ mod tests {
                     .await
             }
         });
-
-        tokio::time::sleep(Duration::from_millis(1000)).await;
+        tokio::time::sleep(running).await;
         shutdown.cancel();
         run.await.unwrap().unwrap();
-        let made = claims.load(Ordering::SeqCst);
+        claims.load(Ordering::SeqCst)
+    }
+
+    /// An idle worker over a store that answers at once: it claims once per poll, not in a
+    /// loop that would hammer the store and starve the runtime.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_worker_claims_once_per_poll() {
+        let made = claims_made(|| Ok(Vec::new()), false, Duration::from_secs(1)).await;
         assert!(
             (5..=15).contains(&made),
             "{made} claims in 1 s at a 100 ms poll"
@@ -627,45 +641,11 @@ mod tests {
     /// A store that is down: every claim fails, and the claim loop must slow down.
     #[tokio::test(start_paused = true)]
     async fn claims_back_off_while_the_store_fails() {
-        let claims = Arc::new(AtomicU32::new(0));
-        let mut store = MockRequestStore::new();
-        store.expect_claim().returning({
-            let claims = claims.clone();
-            move |_, _, _| {
-                claims.fetch_add(1, Ordering::SeqCst);
-                Err(crate::Error::store("claim", "connection refused"))
-            }
-        });
-        store
-            .expect_rescue_expired()
-            .returning(|| Err(crate::Error::store("rescue", "connection refused")));
-        store
-            .expect_count_by_status()
-            .returning(|| Err(crate::Error::store("count", "connection refused")));
-        store.expect_subscribe().returning(|| None);
-
-        let config = TableConfig {
-            polling_interval: Duration::from_millis(100),
-            ..TableConfig::default()
-        };
-        let strategy = TableStrategy::new(store, config).unwrap();
-        let shutdown = CancellationToken::new();
-        let run = tokio::spawn({
-            let strategy = strategy.clone();
-            let shutdown = shutdown.clone();
-            async move {
-                strategy
-                    .run(Arc::new(ExecutorRegistry::default()), shutdown)
-                    .await
-            }
-        });
+        let refused = || Err(crate::Error::store("claim", "connection refused"));
 
         // 60 s of outage: polling every 100 ms would claim 600 times; doubling pauses up
         // to 10 s claim 1 + 10 times to reach the cap (about 20 s), then every 10 s.
-        tokio::time::sleep(Duration::from_secs(60)).await;
-        shutdown.cancel();
-        run.await.unwrap().unwrap();
-        let made = claims.load(Ordering::SeqCst);
+        let made = claims_made(refused, true, Duration::from_secs(60)).await;
         assert!((10..=20).contains(&made), "{made} claims in 60 s");
     }
 }
