@@ -612,6 +612,11 @@ fn queue_bodies_are_run_or_dead_lettered_naming_the_field() {
         .collect();
     // (An empty body is not sent: the queue refuses it, as SQS does.)
     bodies.extend(["null", "[]", "{", "\0", "{\"project_id\": 7}", "😀"].map(str::to_owned));
+    // Some bodies are surely valid, whatever the mutations drew: a batch with none would
+    // check the dead-letter path only.
+    bodies.extend(
+        (0..5).map(|i| valid_message(&format!("unmutated-{i}"), "analyst-1", "glp1").to_string()),
+    );
 
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
