@@ -378,8 +378,11 @@ impl TableStrategy {
         let mut claims = FuturesUnordered::new();
         let mut reserved = 0usize;
         // Whether a claim may find work: not after one came back short, until a wake-up
-        // or the poll says otherwise; an idle worker must not claim in a loop.
+        // or the poll says otherwise; an idle worker must not claim in a loop. A short
+        // claim only counts if it began after the last wake-up: one that began before may
+        // have looked before the new work was there.
         let mut may_find_work = true;
+        let mut wake_ups = 0u64;
         while !shutdown.is_cancelled() {
             while attempts.try_join_next().is_some() {}
 
@@ -402,7 +405,11 @@ impl TableStrategy {
                 let store = inner.store.clone();
                 let owner = inner.worker_id.clone();
                 let lease = config.lease_duration;
-                claims.push(async move { (store.claim(&owner, free, lease).await, permits) });
+                let began_after = wake_ups;
+                claims.push(async move {
+                    let claimed = store.claim(&owner, free, lease).await;
+                    (claimed, permits, began_after)
+                });
             }
 
             // While the store fails, wait longer each time (up to 10 s, or the polling
@@ -418,13 +425,15 @@ impl TableStrategy {
             };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                Some((claimed, mut permits)) = claims.next(), if !claims.is_empty() => {
+                Some((claimed, mut permits, began_after)) = claims.next(), if !claims.is_empty() => {
                     let asked = permits.num_permits();
                     reserved -= asked;
                     match claimed {
                         Ok(claimed) => {
                             claim_failures = 0;
-                            may_find_work = claimed.len() == asked;
+                            if claimed.len() < asked && began_after == wake_ups {
+                                may_find_work = false;
+                            }
                             for request in claimed {
                                 let Some(permit) = permits.split(1) else { break };
                                 self.start_attempt(
@@ -449,14 +458,20 @@ impl TableStrategy {
                         }
                     }
                 }
-                _ = inner.wake.notified() => may_find_work = true,
-                _ = tokio::time::sleep(pause) => may_find_work = true,
+                _ = inner.wake.notified() => {
+                    may_find_work = true;
+                    wake_ups += 1;
+                }
+                _ = tokio::time::sleep(pause) => {
+                    may_find_work = true;
+                    wake_ups += 1;
+                }
             }
         }
 
         // Claims still under way finish, and what they took is handed back unrun: the
         // shutdown began before these requests could start.
-        while let Some((claimed, _permits)) = claims.next().await {
+        while let Some((claimed, _permits, _)) = claims.next().await {
             for request in claimed.unwrap_or_default() {
                 let Some(lease) = crate::store::LeaseRef::of(&request) else {
                     continue;
