@@ -136,10 +136,27 @@ impl Running {
         self.wait_for(id, |r| r.status.is_terminal()).await
     }
 
-    async fn shutdown(self) -> SqliteStore {
+    async fn shutdown(self) -> Stopped {
         self.stop.cancel();
         self.workers.await.unwrap().unwrap();
-        self.store
+        Stopped {
+            store: self.store,
+            _dir: self._dir,
+        }
+    }
+}
+
+/// The store after the workers stopped, with its folder kept for as long as it is read.
+struct Stopped {
+    store: SqliteStore,
+    _dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for Stopped {
+    type Target = SqliteStore;
+
+    fn deref(&self) -> &SqliteStore {
+        &self.store
     }
 }
 
