@@ -183,12 +183,6 @@ impl BatchRows {
         }
         rows
     }
-
-    /// Whether both kinds are present, so that the statements need a transaction to be
-    /// applied all or none.
-    pub fn is_mixed(&self) -> bool {
-        !self.executing.is_empty() && !self.completing.is_empty()
-    }
 }
 
 /// Splits a batch into consecutive runs in which no request is written twice. Within a run
@@ -196,6 +190,19 @@ impl BatchRows {
 /// the outcome it would have alone; a request written again (a stale attempt's write beside
 /// the current one's, or one write repeated) must see the run before it, as writes made one
 /// by one would.
+/// Whether `write_batch` must open a transaction: one run of one kind is a single
+/// statement, atomic on its own; anything more must apply all or none.
+pub(crate) fn needs_transaction(runs: &[&[super::FencedWrite]]) -> bool {
+    use super::FencedWrite::{Complete, MarkExecuting};
+
+    let kinds = |run: &[super::FencedWrite]| {
+        let executing = run.iter().any(|w| matches!(w, MarkExecuting(_)));
+        let completing = run.iter().any(|w| matches!(w, Complete(..)));
+        executing && completing
+    };
+    runs.len() > 1 || runs.first().is_some_and(|run| kinds(run))
+}
+
 pub(crate) fn unique_runs(writes: &[super::FencedWrite]) -> Vec<&[super::FencedWrite]> {
     let mut runs = Vec::new();
     let mut start = 0;

@@ -12,7 +12,9 @@ use sqlx::sqlite::{
 };
 use sqlx::{Acquire, Row, migrate::Migrator};
 
-use super::row::{BatchRows, StoredRow, history_entry, to_json, unique_runs, unreadable};
+use super::row::{
+    BatchRows, StoredRow, history_entry, needs_transaction, to_json, unique_runs, unreadable,
+};
 use super::{
     CancelOutcome, FencedWrite, InsertOutcome, LeaseRef, ListFilter, RequestPage, RequestStore,
     RescuedRequest, WriteOutcome, after, expired_lease_error, now,
@@ -341,6 +343,37 @@ fn complete_query(lease: &LeaseRef, results: &RequestResults) -> SqliteQuery<'st
         Some(&lease.owner),
         "workflow completed",
     ))
+}
+
+/// Applies run after run (see `unique_runs`) on `conn`; a refused write reports the
+/// status its request had when the write came, not one a later run gave it.
+async fn apply_runs(
+    conn: &mut sqlx::SqliteConnection,
+    runs: &[&[FencedWrite]],
+) -> Result<Vec<WriteOutcome>> {
+    let fail = |e| Error::store("write_batch", e);
+    let mut outcomes = Vec::new();
+    for run in runs {
+        let applied = apply_batch(&mut *conn, &BatchRows::of(run))
+            .await
+            .map_err(fail)?;
+        for write in *run {
+            let id = write.lease().request_id.as_str();
+            if applied.contains(id) {
+                outcomes.push(WriteOutcome::Applied);
+                continue;
+            }
+            let current: Option<String> =
+                sqlx::query_scalar("SELECT status FROM requests WHERE id = ?")
+                    .bind(id)
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(fail)?;
+            let current = current.map(|s| s.parse()).transpose()?;
+            outcomes.push(WriteOutcome::Rejected { current });
+        }
+    }
+    Ok(outcomes)
 }
 
 /// Applies a batch's writes as one statement per kind; returns the ids whose write applied.
@@ -748,54 +781,13 @@ impl RequestStore for SqliteStore {
     async fn write_batch(&self, writes: &[FencedWrite]) -> Result<Vec<WriteOutcome>> {
         let fail = |e| Error::store("write_batch", e);
         let runs = unique_runs(writes);
-        if runs.len() > 1 {
-            // Run after run in one transaction; a refusal reports the status the request
-            // had when its write came, not the one a later run gave it.
-            let mut conn = self.writer.acquire().await.map_err(fail)?;
-            let mut tx = conn.begin().await.map_err(fail)?;
-            let mut outcomes = Vec::with_capacity(writes.len());
-            for run in runs {
-                let applied = apply_batch(&mut tx, &BatchRows::of(run))
-                    .await
-                    .map_err(fail)?;
-                for write in run {
-                    let id = write.lease().request_id.as_str();
-                    if applied.contains(id) {
-                        outcomes.push(WriteOutcome::Applied);
-                        continue;
-                    }
-                    let current: Option<String> =
-                        sqlx::query_scalar("SELECT status FROM requests WHERE id = ?")
-                            .bind(id)
-                            .fetch_optional(&mut *tx)
-                            .await
-                            .map_err(fail)?;
-                    let current = current.map(|s| s.parse()).transpose()?;
-                    outcomes.push(WriteOutcome::Rejected { current });
-                }
-            }
-            tx.commit().await.map_err(fail)?;
-            return Ok(outcomes);
-        }
-
-        let rows = BatchRows::of(writes);
         let mut conn = self.writer.acquire().await.map_err(fail)?;
-        let applied = if rows.is_mixed() {
-            let mut tx = conn.begin().await.map_err(fail)?;
-            let applied = apply_batch(&mut tx, &rows).await.map_err(fail)?;
-            tx.commit().await.map_err(fail)?;
-            applied
-        } else {
-            apply_batch(&mut conn, &rows).await.map_err(fail)?
-        };
-        drop(conn);
-
-        let mut outcomes = Vec::with_capacity(writes.len());
-        for write in writes {
-            let id = &write.lease().request_id;
-            let rows = u64::from(applied.contains(id.as_str()));
-            outcomes.push(self.outcome("write_batch", rows, id).await?);
+        if !needs_transaction(&runs) {
+            return apply_runs(&mut conn, &runs).await;
         }
+        let mut tx = conn.begin().await.map_err(fail)?;
+        let outcomes = apply_runs(&mut tx, &runs).await?;
+        tx.commit().await.map_err(fail)?;
         Ok(outcomes)
     }
 

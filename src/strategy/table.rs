@@ -425,7 +425,8 @@ impl TableStrategy {
             };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                Some((claimed, mut permits, began_after)) = claims.next(), if !claims.is_empty() => {
+                Some(done) = claims.next(), if !claims.is_empty() => {
+                    let (claimed, mut permits, began_after) = done;
                     let asked = permits.num_permits();
                     reserved -= asked;
                     match claimed {
