@@ -5,6 +5,7 @@
 
 #![cfg_attr(not(any(feature = "table", feature = "queue")), allow(dead_code))]
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, oneshot};
@@ -32,6 +33,8 @@ pub(crate) struct BatchWriter {
     store: Arc<dyn RequestStore>,
     queue: mpsc::UnboundedSender<Queued>,
     incoming: Arc<Mutex<Option<mpsc::UnboundedReceiver<Queued>>>>,
+    /// Set once the task is started, so later writes skip the lock.
+    started: Arc<AtomicBool>,
 }
 
 impl BatchWriter {
@@ -42,6 +45,7 @@ impl BatchWriter {
             store,
             queue,
             incoming: Arc::new(Mutex::new(Some(incoming))),
+            started: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -61,21 +65,25 @@ impl BatchWriter {
     }
 
     async fn write(&self, write: FencedWrite) -> Result<WriteOutcome> {
-        let incoming = self
-            .incoming
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(incoming) = incoming {
-            tokio::spawn(write_batches(self.store.clone(), incoming));
+        if !self.started.load(Ordering::Acquire) {
+            let incoming = self
+                .incoming
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let Some(incoming) = incoming {
+                tokio::spawn(write_batches(self.store.clone(), incoming));
+            }
+            self.started.store(true, Ordering::Release);
         }
 
         let (reply, outcome) = oneshot::channel();
         let write = match self.queue.send(Queued { write, reply }) {
             Ok(()) => match outcome.await {
                 Ok(outcome) => return outcome,
-                // The task ended with the write unanswered: it was never applied, since
-                // the task answers every write it takes.
+                // The task was dropped (its runtime shut down) before it answered; the
+                // write may or may not have landed, so it is reported as a store fault,
+                // which a final write retries and a fenced write makes safe to retry.
                 Err(_) => None,
             },
             Err(unsent) => Some(unsent.0.write),
