@@ -834,3 +834,36 @@ async fn a_submitted_batch_wakes_the_workers_and_runs_each_request_once() {
     assert_eq!(ran, expected, "each request ran exactly once");
     running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shutdown_amid_quick_requests_leaves_none_in_flight() {
+    for round in 0..4u64 {
+        let executor = scripted(|_, _| async {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            Ok(done())
+        });
+        let mut config = fast_config();
+        config.max_concurrent_requests = 4;
+        config.lease_duration = Duration::from_secs(60);
+        let running = Running::start(config, executor).await;
+        let mut ids = Vec::new();
+        for i in 0..40 {
+            ids.push(running.submit(request(&format!("quick-{i}"))).await);
+        }
+        tokio::time::sleep(Duration::from_millis(10 * round)).await;
+        let stopped = running.shutdown().await;
+
+        for id in &ids {
+            let request = stopped.get(id).await.unwrap().expect("stored");
+            assert!(
+                matches!(
+                    request.status,
+                    RequestStatus::Completed | RequestStatus::Pending
+                ),
+                "round {round}: {id} left {:?}",
+                request.status
+            );
+            assert!(request.lease.is_none(), "round {round}: {id} keeps a lease");
+        }
+    }
+}
