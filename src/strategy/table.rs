@@ -471,20 +471,23 @@ impl TableStrategy {
         }
 
         // Claims still under way finish, and what they took is handed back unrun: the
-        // shutdown began before these requests could start.
+        // shutdown began before these requests could start. All of them finish first: a
+        // claim left unpolled would keep its connection, which a hand-back may need.
+        let mut taken = Vec::new();
         while let Some((claimed, _permits, _)) = claims.next().await {
-            for request in claimed.unwrap_or_default() {
-                let Some(lease) = crate::store::LeaseRef::of(&request) else {
-                    continue;
-                };
-                if let Err(err) = inner.store.release(&lease, "handed back at shutdown").await {
-                    tracing::warn!(
-                        parent: &span,
-                        request_id = %request.id,
-                        error = %err,
-                        "could not hand back a request claimed as shutdown began",
-                    );
-                }
+            taken.extend(claimed.unwrap_or_default());
+        }
+        for request in taken {
+            let Some(lease) = crate::store::LeaseRef::of(&request) else {
+                continue;
+            };
+            if let Err(err) = inner.store.release(&lease, "handed back at shutdown").await {
+                tracing::warn!(
+                    parent: &span,
+                    request_id = %request.id,
+                    error = %err,
+                    "could not hand back a request claimed as shutdown began",
+                );
             }
         }
 
