@@ -143,10 +143,15 @@ impl Inner {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Returns lapsed leases to the queue, then prunes if due.
-    async fn rescue(&self) {
+    /// Returns lapsed leases to the queue. `failures` counts the rescues that failed in a
+    /// row: an outage is warned about once and its end once, not at every poll.
+    async fn rescue(&self, failures: &mut u32) {
         match self.store.rescue_expired().await {
             Ok(rescued) => {
+                if *failures > 0 {
+                    tracing::info!(failures = *failures, "rescue works again");
+                    *failures = 0;
+                }
                 for r in &rescued {
                     metrics::counter!(
                         "root_orchestrator_requests_rescued_total",
@@ -165,7 +170,14 @@ impl Inner {
                     self.wake.notify_one();
                 }
             }
-            Err(err) => tracing::warn!(error = %err, "rescue failed; will try again"),
+            Err(err) => {
+                *failures += 1;
+                if *failures == 1 {
+                    tracing::warn!(error = %err, "rescue failed; will try again every poll");
+                } else {
+                    tracing::debug!(error = %err, failures = *failures, "rescue failed again");
+                }
+            }
         }
     }
 
@@ -236,11 +248,12 @@ impl Inner {
         );
         rescue_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         prune_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut rescue_failures = 0;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = rescue_tick.tick() => {
-                    self.rescue().await;
+                    self.rescue(&mut rescue_failures).await;
                     self.publish_depth().await;
                 }
                 _ = prune_tick.tick() => self.prune().await,
@@ -597,11 +610,12 @@ mod tests {
     use super::*;
     use crate::store::MockRequestStore;
 
-    /// Runs workers polling every 100 ms over a store whose every claim answers `claim`,
-    /// for `running`; returns how many claims they made.
+    /// Runs workers polling every 100 ms over a store whose every claim answers `claim`
+    /// and whose first `failed_rescues` rescues fail, for `running`; returns how many
+    /// claims they made.
     async fn claims_made(
         claim: fn() -> Result<Vec<Request>>,
-        store_is_down: bool,
+        failed_rescues: u32,
         running: Duration,
     ) -> u32 {
         let claims = Arc::new(AtomicU32::new(0));
@@ -613,12 +627,13 @@ mod tests {
                 claim()
             }
         });
-        store
-            .expect_rescue_expired()
-            .returning(move || match store_is_down {
+        let rescues = AtomicU32::new(0);
+        store.expect_rescue_expired().returning(move || {
+            match rescues.fetch_add(1, Ordering::SeqCst) < failed_rescues {
                 true => Err(crate::Error::store("rescue", "connection refused")),
                 false => Ok(Vec::new()),
-            });
+            }
+        });
         store
             .expect_count_by_status()
             .returning(|| Ok(Default::default()));
@@ -650,7 +665,7 @@ mod tests {
     /// loop that would hammer the store and starve the runtime.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_idle_worker_claims_once_per_poll() {
-        let made = claims_made(|| Ok(Vec::new()), false, Duration::from_secs(1)).await;
+        let made = claims_made(|| Ok(Vec::new()), 0, Duration::from_secs(1)).await;
         assert!(
             (5..=15).contains(&made),
             "{made} claims in 1 s at a 100 ms poll"
@@ -664,7 +679,45 @@ mod tests {
 
         // 60 s of outage: polling every 100 ms would claim 600 times; doubling pauses up
         // to 10 s claim 1 + 10 times to reach the cap (about 20 s), then every 10 s.
-        let made = claims_made(refused, true, Duration::from_secs(60)).await;
+        let made = claims_made(refused, u32::MAX, Duration::from_secs(60)).await;
         assert!((10..=20).contains(&made), "{made} claims in 60 s");
+    }
+
+    /// A rescuer over a store that fails 30 polls in a row: one warning when the outage
+    /// starts and one line when it ends, not a warning every poll.
+    #[tokio::test(start_paused = true)]
+    async fn a_rescue_outage_is_logged_when_it_starts_and_when_it_ends() {
+        let log = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_ansi(false)
+            .with_writer({
+                let log = log.clone();
+                move || Captured(log.clone())
+            })
+            .finish();
+        // This test's runtime has one thread, so the spawned workers log here too.
+        let _logging = tracing::subscriber::set_default(subscriber);
+
+        claims_made(|| Ok(Vec::new()), 30, Duration::from_secs(5)).await;
+
+        let text = String::from_utf8(log.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.matches("rescue failed").count(), 1, "{text}");
+        assert_eq!(text.matches("rescue works again").count(), 1, "{text}");
+        assert!(text.contains("failures=30"), "{text}");
+    }
+
+    /// A log line sink shared with the test.
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
     }
 }
