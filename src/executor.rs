@@ -334,17 +334,13 @@ impl WorkflowContext {
             } => {
                 // A progress write may only follow the write that marks the request
                 // EXECUTING, which runs beside the executor's first steps.
-                let marked = match started.clone().await {
-                    Some(WriteOutcome::Applied) => Ok(WriteOutcome::Applied),
+                let written = match started.clone().await {
+                    Some(WriteOutcome::Applied) => store.record_progress(lease, &progress).await,
                     Some(refused) => Ok(refused),
                     None => Err(Error::store(
                         "record_progress",
                         "the request could not be marked executing",
                     )),
-                };
-                let written = match marked {
-                    Ok(WriteOutcome::Applied) => store.record_progress(lease, &progress).await,
-                    other => other,
                 };
                 match written {
                     Ok(WriteOutcome::Applied) => Ok(()),

@@ -10,8 +10,8 @@ use sqlx::{Acquire, Row, migrate::Migrator};
 use tokio::sync::mpsc;
 
 use super::row::{
-    BatchRow, BatchRows, StoredRow, history_entry, needs_transaction, to_json, unique_runs,
-    unreadable,
+    BatchRow, BatchRows, StoredRow, history_entry, insert_outcomes, needs_transaction, only,
+    to_json, unique_runs, unreadable,
 };
 use super::{
     CancelOutcome, FencedWrite, InsertOutcome, LeaseRef, ListFilter, RequestPage, RequestStore,
@@ -231,6 +231,110 @@ impl PostgresStore {
         self.outcome(operation, rows, &lease.request_id).await
     }
 
+    /// Stores `requests` in one statement over arrays: one round trip and one commit.
+    /// `operation` names the caller in errors.
+    async fn insert_batch(
+        &self,
+        operation: &'static str,
+        requests: Vec<NewRequest>,
+        max_attempts: u32,
+    ) -> Result<Vec<InsertOutcome>> {
+        if requests.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<RequestId> = requests
+            .iter()
+            .map(|r| r.request_id.clone().unwrap_or_else(RequestId::generate))
+            .collect();
+
+        // ON CONFLICT DO NOTHING makes a repeated caller-given id a no-op, atomically,
+        // even when two submits of the same id race from different processes.
+        // WITH ORDINALITY keeps the batch's order in `position`, and the batch shares the
+        // transaction's `now()`, so it is claimed in the order given.
+        let rows = sqlx::query(concat!(
+            "INSERT INTO requests (id, project_id, user_id, request_type, priority, \
+             configuration, status, history, max_attempts, created_at, run_after) \
+             SELECT id, project_id, user_id, request_type, priority, configuration::jsonb, \
+                 'PENDING', jsonb_build_array($7::jsonb), max_attempts, now(), \
+                 COALESCE(run_after, now()) \
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int2[], \
+                 $6::text[], $8::int4[], $9::timestamptz[]) WITH ORDINALITY \
+                 AS batch(id, project_id, user_id, request_type, priority, configuration, \
+                     max_attempts, run_after, position) \
+             ORDER BY position \
+             ON CONFLICT (id) DO NOTHING RETURNING ",
+            columns!()
+        ))
+        .bind(ids.iter().map(RequestId::as_str).collect::<Vec<_>>())
+        .bind(
+            requests
+                .iter()
+                .map(|r| r.project_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            requests
+                .iter()
+                .map(|r| r.user_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            requests
+                .iter()
+                .map(|r| r.request_type.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            requests
+                .iter()
+                .map(|r| r.priority.rank() as i16)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            requests
+                .iter()
+                .map(|r| to_json(&r.configuration))
+                .collect::<Vec<_>>(),
+        )
+        .bind(history_entry(RequestStatus::Pending, None, "submitted"))
+        .bind(
+            requests
+                .iter()
+                .map(|r| r.max_attempts.unwrap_or(max_attempts) as i32)
+                .collect::<Vec<_>>(),
+        )
+        .bind(requests.iter().map(|r| r.run_after).collect::<Vec<_>>())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| Error::store(operation, e))?;
+
+        let stored = rows
+            .iter()
+            .map(request_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        insert_outcomes(self, ids, requests, stored, max_attempts).await
+    }
+
+    /// Applies fenced writes run by run (see `unique_runs`) on one connection, in a
+    /// transaction when there is more than one statement. `operation` names the caller in
+    /// errors.
+    async fn write(
+        &self,
+        operation: &'static str,
+        writes: &[FencedWrite],
+    ) -> Result<Vec<WriteOutcome>> {
+        let fail = |e| Error::store(operation, e);
+        let runs = unique_runs(writes);
+        let mut conn = self.pool.acquire().await.map_err(fail)?;
+        if !needs_transaction(&runs) {
+            return apply_runs(&mut conn, operation, &runs).await;
+        }
+        let mut tx = conn.begin().await.map_err(fail)?;
+        let outcomes = apply_runs(&mut tx, operation, &runs).await?;
+        tx.commit().await.map_err(fail)?;
+        Ok(outcomes)
+    }
+
     async fn outcome(
         &self,
         operation: &'static str,
@@ -309,46 +413,14 @@ fn redact(url: &str) -> String {
     }
 }
 
-type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
-
-/// `PROCESSING` -> `EXECUTING`; the request id and lease token are bound last.
-fn mark_executing_query(lease: &LeaseRef) -> PgQuery<'static> {
-    sqlx::query(
-        "UPDATE requests SET status = 'EXECUTING', \
-             history = history || jsonb_build_array($1::jsonb) \
-         WHERE id = $2 AND lease_token = $3 AND status = 'PROCESSING'",
-    )
-    .bind(history_entry(
-        RequestStatus::Executing,
-        Some(&lease.owner),
-        "executor started",
-    ))
-}
-
-/// `EXECUTING` -> `COMPLETED`; the request id and lease token are bound last.
-fn complete_query(lease: &LeaseRef, results: &RequestResults) -> PgQuery<'static> {
-    sqlx::query(
-        "UPDATE requests SET status = 'COMPLETED', results = $1::jsonb, \
-             completed_at = now(), progress_percentage = 100, lease_owner = NULL, \
-             lease_token = NULL, lease_expires_at = NULL, \
-             history = history || jsonb_build_array($2::jsonb) \
-         WHERE id = $3 AND lease_token = $4 AND status = 'EXECUTING'",
-    )
-    .bind(to_json(results))
-    .bind(history_entry(
-        RequestStatus::Completed,
-        Some(&lease.owner),
-        "workflow completed",
-    ))
-}
-
 /// Applies run after run (see `unique_runs`) on `conn`; a refused write reports the
 /// status its request had when the write came, not one a later run gave it.
 async fn apply_runs(
     conn: &mut sqlx::PgConnection,
+    operation: &'static str,
     runs: &[&[FencedWrite]],
 ) -> Result<Vec<WriteOutcome>> {
-    let fail = |e| Error::store("write_batch", e);
+    let fail = |e| Error::store(operation, e);
     let mut outcomes = Vec::new();
     for run in runs {
         let applied = apply_batch(&mut *conn, &BatchRows::of(run))
@@ -470,39 +542,8 @@ where
 #[async_trait]
 impl RequestStore for PostgresStore {
     async fn insert(&self, new: NewRequest, max_attempts: u32) -> Result<InsertOutcome> {
-        let id = new.request_id.clone().unwrap_or_else(RequestId::generate);
-
-        // ON CONFLICT DO NOTHING makes a repeated caller-given id a no-op, atomically,
-        // even when two submits of the same id race from different processes.
-        let inserted = sqlx::query(concat!(
-            "INSERT INTO requests (id, project_id, user_id, request_type, priority, \
-             configuration, status, history, max_attempts, created_at, run_after) \
-             VALUES ($1, $2, $3, $4, $5, $6::jsonb, 'PENDING', jsonb_build_array($7::jsonb), \
-             $8, now(), COALESCE($9, now())) \
-             ON CONFLICT (id) DO NOTHING RETURNING ",
-            columns!()
-        ))
-        .bind(id.as_str())
-        .bind(&new.project_id)
-        .bind(&new.user_id)
-        .bind(new.request_type.as_str())
-        .bind(new.priority.rank() as i16)
-        .bind(to_json(&new.configuration))
-        .bind(history_entry(RequestStatus::Pending, None, "submitted"))
-        .bind(new.max_attempts.unwrap_or(max_attempts) as i32)
-        .bind(new.run_after)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| Error::store("insert", e))?;
-
-        if let Some(row) = inserted {
-            return Ok(InsertOutcome::Inserted(request_from_row(&row)?));
-        }
-        match self.get(&id).await? {
-            Some(existing) => Ok(InsertOutcome::Existing(existing)),
-            // The conflicting row was pruned between the two statements: store it anew.
-            None => Box::pin(self.insert(new, max_attempts)).await,
-        }
+        let outcomes = self.insert_batch("insert", vec![new], max_attempts).await?;
+        Ok(only(outcomes))
     }
 
     async fn insert_many(
@@ -510,92 +551,8 @@ impl RequestStore for PostgresStore {
         requests: Vec<NewRequest>,
         max_attempts: u32,
     ) -> Result<Vec<InsertOutcome>> {
-        if requests.is_empty() {
-            return Ok(Vec::new());
-        }
-        let ids: Vec<RequestId> = requests
-            .iter()
-            .map(|r| r.request_id.clone().unwrap_or_else(RequestId::generate))
-            .collect();
-
-        // One statement over arrays: one round trip and one commit for the whole batch.
-        // WITH ORDINALITY keeps the batch's order in `seq`, and the batch shares the
-        // transaction's `now()`, so it is claimed in the order given.
-        let rows = sqlx::query(concat!(
-            "INSERT INTO requests (id, project_id, user_id, request_type, priority, \
-             configuration, status, history, max_attempts, created_at, run_after) \
-             SELECT id, project_id, user_id, request_type, priority, configuration::jsonb, \
-                 'PENDING', jsonb_build_array($7::jsonb), max_attempts, now(), \
-                 COALESCE(run_after, now()) \
-             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int2[], \
-                 $6::text[], $8::int4[], $9::timestamptz[]) WITH ORDINALITY \
-                 AS batch(id, project_id, user_id, request_type, priority, configuration, \
-                     max_attempts, run_after, position) \
-             ORDER BY position \
-             ON CONFLICT (id) DO NOTHING RETURNING ",
-            columns!()
-        ))
-        .bind(ids.iter().map(RequestId::as_str).collect::<Vec<_>>())
-        .bind(
-            requests
-                .iter()
-                .map(|r| r.project_id.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            requests
-                .iter()
-                .map(|r| r.user_id.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            requests
-                .iter()
-                .map(|r| r.request_type.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            requests
-                .iter()
-                .map(|r| r.priority.rank() as i16)
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            requests
-                .iter()
-                .map(|r| to_json(&r.configuration))
-                .collect::<Vec<_>>(),
-        )
-        .bind(history_entry(RequestStatus::Pending, None, "submitted"))
-        .bind(
-            requests
-                .iter()
-                .map(|r| r.max_attempts.unwrap_or(max_attempts) as i32)
-                .collect::<Vec<_>>(),
-        )
-        .bind(requests.iter().map(|r| r.run_after).collect::<Vec<_>>())
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| Error::store("insert_many", e))?;
-
-        let mut inserted = std::collections::HashMap::with_capacity(rows.len());
-        for row in &rows {
-            let request = request_from_row(row)?;
-            inserted.insert(request.id.clone(), request);
-        }
-        let mut outcomes = Vec::with_capacity(requests.len());
-        for (id, new) in ids.into_iter().zip(requests) {
-            // The first occurrence of an id takes the inserted row; a repeat, or an id
-            // stored before, finds the existing one.
-            outcomes.push(match inserted.remove(&id) {
-                Some(request) => InsertOutcome::Inserted(request),
-                None => match self.get(&id).await? {
-                    Some(existing) => InsertOutcome::Existing(existing),
-                    None => self.insert(new, max_attempts).await?,
-                },
-            });
-        }
-        Ok(outcomes)
+        self.insert_batch("insert_many", requests, max_attempts)
+            .await
     }
 
     async fn get(&self, id: &RequestId) -> Result<Option<Request>> {
@@ -747,8 +704,8 @@ impl RequestStore for PostgresStore {
     }
 
     async fn mark_executing(&self, lease: &LeaseRef) -> Result<WriteOutcome> {
-        self.fenced_write("mark_executing", mark_executing_query(lease), lease)
-            .await
+        let write = FencedWrite::MarkExecuting(lease.clone());
+        Ok(only(self.write("mark_executing", &[write]).await?))
     }
 
     async fn record_progress(&self, lease: &LeaseRef, progress: &Progress) -> Result<WriteOutcome> {
@@ -780,21 +737,12 @@ impl RequestStore for PostgresStore {
     }
 
     async fn complete(&self, lease: &LeaseRef, results: &RequestResults) -> Result<WriteOutcome> {
-        self.fenced_write("complete", complete_query(lease, results), lease)
-            .await
+        let write = FencedWrite::Complete(lease.clone(), results.clone());
+        Ok(only(self.write("complete", &[write]).await?))
     }
 
     async fn write_batch(&self, writes: &[FencedWrite]) -> Result<Vec<WriteOutcome>> {
-        let fail = |e| Error::store("write_batch", e);
-        let runs = unique_runs(writes);
-        let mut conn = self.pool.acquire().await.map_err(fail)?;
-        if !needs_transaction(&runs) {
-            return apply_runs(&mut conn, &runs).await;
-        }
-        let mut tx = conn.begin().await.map_err(fail)?;
-        let outcomes = apply_runs(&mut tx, &runs).await?;
-        tx.commit().await.map_err(fail)?;
-        Ok(outcomes)
+        self.write("write_batch", writes).await
     }
 
     async fn fail_attempt(

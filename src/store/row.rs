@@ -185,24 +185,24 @@ impl BatchRows {
     }
 }
 
-/// Splits a batch into consecutive runs in which no request is written twice. Within a run
-/// each request's row is touched once, so a set-based statement per kind gives every write
-/// the outcome it would have alone; a request written again (a stale attempt's write beside
-/// the current one's, or one write repeated) must see the run before it, as writes made one
-/// by one would.
 /// Whether `write_batch` must open a transaction: one run of one kind is a single
 /// statement, atomic on its own; anything more must apply all or none.
 pub(crate) fn needs_transaction(runs: &[&[super::FencedWrite]]) -> bool {
     use super::FencedWrite::{Complete, MarkExecuting};
 
-    let kinds = |run: &[super::FencedWrite]| {
+    let mixes_kinds = |run: &[super::FencedWrite]| {
         let executing = run.iter().any(|w| matches!(w, MarkExecuting(_)));
         let completing = run.iter().any(|w| matches!(w, Complete(..)));
         executing && completing
     };
-    runs.len() > 1 || runs.first().is_some_and(|run| kinds(run))
+    runs.len() > 1 || runs.first().is_some_and(|run| mixes_kinds(run))
 }
 
+/// Splits a batch into consecutive runs in which no request is written twice. Within a run
+/// each request's row is touched once, so a set-based statement per kind gives every write
+/// the outcome it would have alone; a request written again (a stale attempt's write beside
+/// the current one's, or one write repeated) must see the run before it, as writes made one
+/// by one would.
 pub(crate) fn unique_runs(writes: &[super::FencedWrite]) -> Vec<&[super::FencedWrite]> {
     let mut runs = Vec::new();
     let mut start = 0;
@@ -218,4 +218,39 @@ pub(crate) fn unique_runs(writes: &[super::FencedWrite]) -> Vec<&[super::FencedW
     }
     runs.push(&writes[start..]);
     runs
+}
+
+/// Pairs the requests a batch insert stored with the batch as given, in its order: the first
+/// occurrence of an id takes its stored row; a repeat, or an id stored before, finds the
+/// existing request, and one pruned since the insert is stored anew.
+pub(crate) async fn insert_outcomes(
+    store: &dyn super::RequestStore,
+    ids: Vec<RequestId>,
+    requests: Vec<crate::model::NewRequest>,
+    stored: Vec<Request>,
+    max_attempts: u32,
+) -> Result<Vec<super::InsertOutcome>> {
+    use super::InsertOutcome;
+
+    let mut stored: std::collections::HashMap<RequestId, Request> =
+        stored.into_iter().map(|r| (r.id.clone(), r)).collect();
+    let mut outcomes = Vec::with_capacity(requests.len());
+    for (id, new) in ids.into_iter().zip(requests) {
+        outcomes.push(match stored.remove(&id) {
+            Some(request) => InsertOutcome::Inserted(request),
+            None => match store.get(&id).await? {
+                Some(existing) => InsertOutcome::Existing(existing),
+                None => store.insert(new, max_attempts).await?,
+            },
+        });
+    }
+    Ok(outcomes)
+}
+
+/// The outcome of a batch of one, as its single-request method returns it.
+pub(crate) fn only<T>(mut outcomes: Vec<T>) -> T {
+    debug_assert_eq!(outcomes.len(), 1, "one outcome per request or write");
+    outcomes
+        .pop()
+        .expect("a batch answers every request or write in it")
 }

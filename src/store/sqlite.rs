@@ -13,7 +13,8 @@ use sqlx::sqlite::{
 use sqlx::{Acquire, Row, migrate::Migrator};
 
 use super::row::{
-    BatchRows, StoredRow, history_entry, needs_transaction, to_json, unique_runs, unreadable,
+    BatchRows, StoredRow, history_entry, insert_outcomes, needs_transaction, only, to_json,
+    unique_runs, unreadable,
 };
 use super::{
     CancelOutcome, FencedWrite, InsertOutcome, LeaseRef, ListFilter, RequestPage, RequestStore,
@@ -257,6 +258,103 @@ impl SqliteStore {
         self.outcome(operation, rows, &lease.request_id).await
     }
 
+    /// Stores `requests` in one statement over the batch as a JSON array: one round trip
+    /// and one commit. `operation` names the caller in errors.
+    async fn insert_batch(
+        &self,
+        operation: &'static str,
+        requests: Vec<NewRequest>,
+        max_attempts: u32,
+    ) -> Result<Vec<InsertOutcome>> {
+        if requests.is_empty() {
+            return Ok(Vec::new());
+        }
+
+        // The batch shares one creation time and is inserted in array order, so it is claimed
+        // in the order given.
+        #[derive(serde::Serialize)]
+        struct Row<'a> {
+            id: &'a str,
+            project_id: &'a str,
+            user_id: &'a str,
+            request_type: &'a str,
+            priority: i64,
+            configuration: String,
+            max_attempts: u32,
+            run_after: i64,
+        }
+        let created_at = now();
+        let ids: Vec<RequestId> = requests
+            .iter()
+            .map(|r| r.request_id.clone().unwrap_or_else(RequestId::generate))
+            .collect();
+        let rows: Vec<Row<'_>> = requests
+            .iter()
+            .zip(&ids)
+            .map(|(new, id)| Row {
+                id: id.as_str(),
+                project_id: &new.project_id,
+                user_id: &new.user_id,
+                request_type: new.request_type.as_str(),
+                priority: new.priority.rank(),
+                configuration: to_json(&new.configuration),
+                max_attempts: new.max_attempts.unwrap_or(max_attempts),
+                run_after: micros(new.run_after.unwrap_or(created_at)),
+            })
+            .collect();
+        let history = format!(
+            "[{}]",
+            history_entry(RequestStatus::Pending, None, "submitted")
+        );
+
+        // ON CONFLICT DO NOTHING makes a repeated caller-given id a no-op, atomically, even
+        // when two submits of the same id race; `WHERE true` keeps SQLite from reading it as
+        // a join constraint.
+        let inserted = sqlx::query(concat!(
+            "INSERT INTO requests (id, project_id, user_id, request_type, priority, \
+             configuration, status, history, max_attempts, created_at, run_after) \
+             SELECT value ->> 'id', value ->> 'project_id', value ->> 'user_id', \
+                 value ->> 'request_type', value ->> 'priority', value ->> 'configuration', \
+                 'PENDING', ?2, value ->> 'max_attempts', ?3, value ->> 'run_after' \
+             FROM json_each(?1) WHERE true ORDER BY key \
+             ON CONFLICT (id) DO NOTHING RETURNING ",
+            columns!(),
+            ""
+        ))
+        .bind(to_json(&rows))
+        .bind(history)
+        .bind(micros(created_at))
+        .fetch_all(&self.writer)
+        .await
+        .map_err(|e| Error::store(operation, e))?;
+
+        let stored = inserted
+            .iter()
+            .map(request_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        insert_outcomes(self, ids, requests, stored, max_attempts).await
+    }
+
+    /// Applies fenced writes run by run (see `unique_runs`) on the write connection, in a
+    /// transaction when there is more than one statement. `operation` names the caller in
+    /// errors.
+    async fn write(
+        &self,
+        operation: &'static str,
+        writes: &[FencedWrite],
+    ) -> Result<Vec<WriteOutcome>> {
+        let fail = |e| Error::store(operation, e);
+        let runs = unique_runs(writes);
+        let mut conn = self.writer.acquire().await.map_err(fail)?;
+        if !needs_transaction(&runs) {
+            return apply_runs(&mut conn, operation, &runs).await;
+        }
+        let mut tx = conn.begin().await.map_err(fail)?;
+        let outcomes = apply_runs(&mut tx, operation, &runs).await?;
+        tx.commit().await.map_err(fail)?;
+        Ok(outcomes)
+    }
+
     /// Turns the number of rows a fenced write touched into its outcome.
     async fn outcome(
         &self,
@@ -278,80 +376,14 @@ impl SqliteStore {
     }
 }
 
-type SqliteQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>;
-
-/// The insert of one request, a no-op when its id exists.
-fn insert_query<'q>(
-    new: &'q NewRequest,
-    id: &'q RequestId,
-    max_attempts: u32,
-    created_at: DateTime<Utc>,
-) -> SqliteQuery<'q> {
-    let history = format!(
-        "[{}]",
-        history_entry(RequestStatus::Pending, None, "submitted")
-    );
-
-    // ON CONFLICT DO NOTHING makes a repeated caller-given id a no-op, atomically, even
-    // when two submits of the same id race.
-    sqlx::query(concat!(
-        "INSERT INTO requests (id, project_id, user_id, request_type, priority, \
-         configuration, status, history, max_attempts, created_at, run_after) \
-         VALUES (?, ?, ?, ?, ?, ?, 'PENDING', ?, ?, ?, ?) \
-         ON CONFLICT (id) DO NOTHING RETURNING ",
-        columns!(),
-        ""
-    ))
-    .bind(id.as_str())
-    .bind(&new.project_id)
-    .bind(&new.user_id)
-    .bind(new.request_type.as_str())
-    .bind(new.priority.rank())
-    .bind(to_json(&new.configuration))
-    .bind(history)
-    .bind(i64::from(new.max_attempts.unwrap_or(max_attempts)))
-    .bind(micros(created_at))
-    .bind(micros(new.run_after.unwrap_or(created_at)))
-}
-
-/// `PROCESSING` -> `EXECUTING`; the request id and lease token are bound last.
-fn mark_executing_query(lease: &LeaseRef) -> SqliteQuery<'static> {
-    sqlx::query(
-        "UPDATE requests SET status = 'EXECUTING', \
-             history = json_insert(history, '$[#]', json(?)) \
-         WHERE id = ? AND lease_token = ? AND status = 'PROCESSING'",
-    )
-    .bind(history_entry(
-        RequestStatus::Executing,
-        Some(&lease.owner),
-        "executor started",
-    ))
-}
-
-/// `EXECUTING` -> `COMPLETED`; the request id and lease token are bound last.
-fn complete_query(lease: &LeaseRef, results: &RequestResults) -> SqliteQuery<'static> {
-    sqlx::query(
-        "UPDATE requests SET status = 'COMPLETED', results = ?, completed_at = ?, \
-             progress_percentage = 100, lease_owner = NULL, lease_token = NULL, \
-             lease_expires_at = NULL, history = json_insert(history, '$[#]', json(?)) \
-         WHERE id = ? AND lease_token = ? AND status = 'EXECUTING'",
-    )
-    .bind(to_json(results))
-    .bind(micros(now()))
-    .bind(history_entry(
-        RequestStatus::Completed,
-        Some(&lease.owner),
-        "workflow completed",
-    ))
-}
-
 /// Applies run after run (see `unique_runs`) on `conn`; a refused write reports the
 /// status its request had when the write came, not one a later run gave it.
 async fn apply_runs(
     conn: &mut sqlx::SqliteConnection,
+    operation: &'static str,
     runs: &[&[FencedWrite]],
 ) -> Result<Vec<WriteOutcome>> {
-    let fail = |e| Error::store("write_batch", e);
+    let fail = |e| Error::store(operation, e);
     let mut outcomes = Vec::new();
     for run in runs {
         let applied = apply_batch(&mut *conn, &BatchRows::of(run))
@@ -483,20 +515,8 @@ where
 #[async_trait]
 impl RequestStore for SqliteStore {
     async fn insert(&self, new: NewRequest, max_attempts: u32) -> Result<InsertOutcome> {
-        let id = new.request_id.clone().unwrap_or_else(RequestId::generate);
-        let inserted = insert_query(&new, &id, max_attempts, now())
-            .fetch_optional(&self.writer)
-            .await
-            .map_err(|e| Error::store("insert", e))?;
-
-        if let Some(row) = inserted {
-            return Ok(InsertOutcome::Inserted(request_from_row(&row)?));
-        }
-        match self.get(&id).await? {
-            Some(existing) => Ok(InsertOutcome::Existing(existing)),
-            // The conflicting row was pruned between the two statements: store it anew.
-            None => Box::pin(self.insert(new, max_attempts)).await,
-        }
+        let outcomes = self.insert_batch("insert", vec![new], max_attempts).await?;
+        Ok(only(outcomes))
     }
 
     async fn insert_many(
@@ -504,85 +524,8 @@ impl RequestStore for SqliteStore {
         requests: Vec<NewRequest>,
         max_attempts: u32,
     ) -> Result<Vec<InsertOutcome>> {
-        if requests.is_empty() {
-            return Ok(Vec::new());
-        }
-
-        // One statement over the batch as a JSON array: one round trip and one commit. The
-        // batch shares one creation time and is inserted in array order, so it is claimed
-        // in the order given.
-        #[derive(serde::Serialize)]
-        struct Row<'a> {
-            id: &'a str,
-            project_id: &'a str,
-            user_id: &'a str,
-            request_type: &'a str,
-            priority: i64,
-            configuration: String,
-            max_attempts: u32,
-            run_after: i64,
-        }
-        let created_at = now();
-        let ids: Vec<RequestId> = requests
-            .iter()
-            .map(|r| r.request_id.clone().unwrap_or_else(RequestId::generate))
-            .collect();
-        let rows: Vec<Row<'_>> = requests
-            .iter()
-            .zip(&ids)
-            .map(|(new, id)| Row {
-                id: id.as_str(),
-                project_id: &new.project_id,
-                user_id: &new.user_id,
-                request_type: new.request_type.as_str(),
-                priority: new.priority.rank(),
-                configuration: to_json(&new.configuration),
-                max_attempts: new.max_attempts.unwrap_or(max_attempts),
-                run_after: micros(new.run_after.unwrap_or(created_at)),
-            })
-            .collect();
-        let history = format!(
-            "[{}]",
-            history_entry(RequestStatus::Pending, None, "submitted")
-        );
-
-        // `WHERE true` keeps SQLite from reading ON CONFLICT as a join constraint.
-        let inserted = sqlx::query(concat!(
-            "INSERT INTO requests (id, project_id, user_id, request_type, priority, \
-             configuration, status, history, max_attempts, created_at, run_after) \
-             SELECT value ->> 'id', value ->> 'project_id', value ->> 'user_id', \
-                 value ->> 'request_type', value ->> 'priority', value ->> 'configuration', \
-                 'PENDING', ?2, value ->> 'max_attempts', ?3, value ->> 'run_after' \
-             FROM json_each(?1) WHERE true ORDER BY key \
-             ON CONFLICT (id) DO NOTHING RETURNING ",
-            columns!(),
-            ""
-        ))
-        .bind(to_json(&rows))
-        .bind(history)
-        .bind(micros(created_at))
-        .fetch_all(&self.writer)
-        .await
-        .map_err(|e| Error::store("insert_many", e))?;
-
-        let mut stored = std::collections::HashMap::with_capacity(inserted.len());
-        for row in &inserted {
-            let request = request_from_row(row)?;
-            stored.insert(request.id.clone(), request);
-        }
-        let mut outcomes = Vec::with_capacity(requests.len());
-        for (id, new) in ids.into_iter().zip(requests) {
-            // The first occurrence of an id takes the inserted row; a repeat, or an id
-            // stored before, finds the existing one.
-            outcomes.push(match stored.remove(&id) {
-                Some(request) => InsertOutcome::Inserted(request),
-                None => match self.get(&id).await? {
-                    Some(existing) => InsertOutcome::Existing(existing),
-                    None => self.insert(new, max_attempts).await?,
-                },
-            });
-        }
-        Ok(outcomes)
+        self.insert_batch("insert_many", requests, max_attempts)
+            .await
     }
 
     async fn get(&self, id: &RequestId) -> Result<Option<Request>> {
@@ -741,8 +684,8 @@ impl RequestStore for SqliteStore {
     }
 
     async fn mark_executing(&self, lease: &LeaseRef) -> Result<WriteOutcome> {
-        self.fenced_write("mark_executing", mark_executing_query(lease), lease)
-            .await
+        let write = FencedWrite::MarkExecuting(lease.clone());
+        Ok(only(self.write("mark_executing", &[write]).await?))
     }
 
     async fn record_progress(&self, lease: &LeaseRef, progress: &Progress) -> Result<WriteOutcome> {
@@ -774,21 +717,12 @@ impl RequestStore for SqliteStore {
     }
 
     async fn complete(&self, lease: &LeaseRef, results: &RequestResults) -> Result<WriteOutcome> {
-        self.fenced_write("complete", complete_query(lease, results), lease)
-            .await
+        let write = FencedWrite::Complete(lease.clone(), results.clone());
+        Ok(only(self.write("complete", &[write]).await?))
     }
 
     async fn write_batch(&self, writes: &[FencedWrite]) -> Result<Vec<WriteOutcome>> {
-        let fail = |e| Error::store("write_batch", e);
-        let runs = unique_runs(writes);
-        let mut conn = self.writer.acquire().await.map_err(fail)?;
-        if !needs_transaction(&runs) {
-            return apply_runs(&mut conn, &runs).await;
-        }
-        let mut tx = conn.begin().await.map_err(fail)?;
-        let outcomes = apply_runs(&mut tx, &runs).await?;
-        tx.commit().await.map_err(fail)?;
-        Ok(outcomes)
+        self.write("write_batch", writes).await
     }
 
     async fn fail_attempt(

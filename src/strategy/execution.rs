@@ -229,19 +229,7 @@ async fn run_leased(
             cancel.cancel();
             // The failure is written after the EXECUTING write, as every outcome is.
             let _ = marked.clone().await;
-            if tokio::time::timeout(settings.cancel_grace_period, &mut task)
-                .await
-                .is_err()
-            {
-                task.abort();
-                tracing::info!("executor ignored the timeout's cancel; dropping it");
-                tokio::select! {
-                    _ = &mut task => {}
-                    _ = hand_back.cancelled() => {
-                        tracing::warn!("executor still running at shutdown; left behind");
-                    }
-                }
-            }
+            let _ = stop_within_grace(&mut task, settings.cancel_grace_period, &hand_back).await;
             let error = WorkflowError::retryable(format!("execution timed out after {limit:?}"));
             let worth_retrying = executor.should_retry(&error);
             return record_failure(&*store, &request, &lease, &settings, error, worth_retrying)
@@ -251,23 +239,9 @@ async fn run_leased(
             // Give a cooperative executor the chance to stop cleanly; drop one that
             // ignores the cancel. Either way its outcome goes through the fenced write,
             // which a cancelled or rescued request refuses.
-            match tokio::time::timeout(settings.cancel_grace_period, &mut task).await {
-                Ok(joined) => joined.map_err(panic_message),
-                Err(_) => {
-                    task.abort();
-                    tracing::info!("executor ignored the cancel; dropping it");
-
-                    // Aborting takes effect at the executor's next await; one that blocks
-                    // its thread runs on. Its slot stays taken until it really ends, so the
-                    // concurrency limit holds; only a shutdown's hand-back stops the wait.
-                    tokio::select! {
-                        _ = &mut task => {}
-                        _ = hand_back.cancelled() => {
-                            tracing::warn!("executor still running at shutdown; left behind");
-                        }
-                    }
-                    return AttemptEnd::Superseded;
-                }
+            match stop_within_grace(&mut task, settings.cancel_grace_period, &hand_back).await {
+                Some(joined) => joined.map_err(panic_message),
+                None => return AttemptEnd::Superseded,
             }
         }
     };
@@ -446,6 +420,31 @@ where
             }
         }
     }
+}
+
+/// Waits up to `grace` for an executor that was told to stop; one that ignores it is
+/// aborted, and `None` says so.
+///
+/// Aborting takes effect at the executor's next await; one that blocks its thread runs on.
+/// Its slot stays taken until it really ends, so the concurrency limit holds; only a
+/// shutdown's hand-back stops the wait.
+async fn stop_within_grace<T>(
+    task: &mut tokio::task::JoinHandle<T>,
+    grace: Duration,
+    hand_back: &CancellationToken,
+) -> Option<std::result::Result<T, tokio::task::JoinError>> {
+    if let Ok(joined) = tokio::time::timeout(grace, &mut *task).await {
+        return Some(joined);
+    }
+    task.abort();
+    tracing::info!("executor ignored the cancel; dropping it");
+    tokio::select! {
+        _ = &mut *task => {}
+        _ = hand_back.cancelled() => {
+            tracing::warn!("executor still running at shutdown; left behind");
+        }
+    }
+    None
 }
 
 fn panic_message(err: tokio::task::JoinError) -> String {

@@ -5,8 +5,7 @@
 
 #![cfg_attr(not(any(feature = "table", feature = "queue")), allow(dead_code))]
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Once};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -32,9 +31,9 @@ struct Queued {
 pub(crate) struct BatchWriter {
     store: Arc<dyn RequestStore>,
     queue: mpsc::UnboundedSender<Queued>,
+    /// Taken by the first write, which starts the task with it.
     incoming: Arc<Mutex<Option<mpsc::UnboundedReceiver<Queued>>>>,
-    /// Set once the task is started, so later writes skip the lock.
-    started: Arc<AtomicBool>,
+    start: Arc<Once>,
 }
 
 impl BatchWriter {
@@ -45,7 +44,7 @@ impl BatchWriter {
             store,
             queue,
             incoming: Arc::new(Mutex::new(Some(incoming))),
-            started: Arc::new(AtomicBool::new(false)),
+            start: Arc::new(Once::new()),
         }
     }
 
@@ -65,7 +64,7 @@ impl BatchWriter {
     }
 
     async fn write(&self, write: FencedWrite) -> Result<WriteOutcome> {
-        if !self.started.load(Ordering::Acquire) {
+        self.start.call_once(|| {
             let incoming = self
                 .incoming
                 .lock()
@@ -74,27 +73,22 @@ impl BatchWriter {
             if let Some(incoming) = incoming {
                 tokio::spawn(write_batches(self.store.clone(), incoming));
             }
-            self.started.store(true, Ordering::Release);
-        }
+        });
 
         let (reply, outcome) = oneshot::channel();
-        let write = match self.queue.send(Queued { write, reply }) {
-            Ok(()) => match outcome.await {
-                Ok(outcome) => return outcome,
-                // The task was dropped (its runtime shut down) before it answered; the
-                // write may or may not have landed, so it is reported as a store fault,
-                // which a final write retries and a fenced write makes safe to retry.
-                Err(_) => None,
-            },
-            Err(unsent) => Some(unsent.0.write),
-        };
-        match write {
-            Some(write) => single(&*self.store, &write).await,
-            None => Err(Error::store(
+        if let Err(unsent) = self.queue.send(Queued { write, reply }) {
+            // The task is gone (its runtime shut down): the write goes to the store itself.
+            return single(&*self.store, &unsent.0.write).await;
+        }
+        // A task dropped before it answered may or may not have applied the write, so that
+        // is reported as a store fault, which a final write retries and a fenced write
+        // makes safe to retry.
+        outcome.await.unwrap_or_else(|_| {
+            Err(Error::store(
                 "write_batch",
                 "the batch writer stopped before answering",
-            )),
-        }
+            ))
+        })
     }
 }
 
@@ -121,28 +115,30 @@ async fn write_batches(
 }
 
 /// Applies one batch and answers each of its writers.
-async fn apply(store: &dyn RequestStore, mut batch: Vec<Queued>) {
-    let writes: Vec<FencedWrite> = batch.iter().map(|q| q.write.clone()).collect();
+async fn apply(store: &dyn RequestStore, batch: Vec<Queued>) {
+    let (writes, replies): (Vec<FencedWrite>, Vec<_>) =
+        batch.into_iter().map(|q| (q.write, q.reply)).unzip();
     match store.write_batch(&writes).await {
         Ok(outcomes) => {
             let mut outcomes = outcomes.into_iter();
-            for queued in batch.drain(..) {
-                let _ = queued.reply.send(outcomes.next().ok_or_else(|| {
+            for reply in replies {
+                let _ = reply.send(outcomes.next().ok_or_else(|| {
                     Error::store("write_batch", "the store returned too few outcomes")
                 }));
             }
         }
-        Err(err) if batch.len() == 1 => {
-            let _ = batch.pop().expect("one write").reply.send(Err(err));
+        Err(err) if writes.len() == 1 => {
+            if let Some(reply) = replies.into_iter().next() {
+                let _ = reply.send(Err(err));
+            }
         }
         // A batch that failed as a whole (one write the database refuses, a lost
         // connection) is tried again write by write, so that one bad write cannot hold
         // back the others and each caller gets its own answer.
         Err(err) => {
-            tracing::debug!(error = %err, writes = batch.len(), "batch failed; writing one by one");
-            for queued in batch.drain(..) {
-                let outcome = single(store, &queued.write).await;
-                let _ = queued.reply.send(outcome);
+            tracing::debug!(error = %err, writes = writes.len(), "batch failed; writing one by one");
+            for (write, reply) in writes.iter().zip(replies) {
+                let _ = reply.send(single(store, write).await);
             }
         }
     }
