@@ -32,9 +32,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use root_orchestrator::{
-    CancellationToken, Configuration, NewRequest, Request, RequestResults, RequestStatus,
-    RequestStore, RequestType, RootOrchestrator, Source, SqliteStore, TableConfig, TableStrategy,
-    WorkflowContext, WorkflowError, WorkflowExecutor,
+    Configuration, NewRequest, Request, RequestResults, RequestStatus, RequestStore, RequestType,
+    RootOrchestrator, Source, SqliteStore, TableConfig, TableStrategy, WorkflowContext,
+    WorkflowError, WorkflowExecutor,
 };
 use tokio::sync::mpsc;
 
@@ -214,13 +214,8 @@ async fn store_backlog(orchestrator: &RootOrchestrator, count: usize) {
 
 /// Runs the workers until `count` requests are COMPLETED; returns the time it took.
 async fn drain(orchestrator: &RootOrchestrator, probe: &Probe, count: usize) -> Duration {
-    let stop = CancellationToken::new();
     let started = Instant::now();
-    let run = tokio::spawn({
-        let orchestrator = orchestrator.clone();
-        let stop = stop.clone();
-        async move { orchestrator.run_with_token(stop).await }
-    });
+    let run = orchestrator.spawn();
 
     // Counting rows is not free; wait on the executions first, then on the last writes.
     while probe.started.load(Ordering::Relaxed) < count {
@@ -235,8 +230,7 @@ async fn drain(orchestrator: &RootOrchestrator, probe: &Probe, count: usize) -> 
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let elapsed = started.elapsed();
-    stop.cancel();
-    run.await.expect("join").expect("workers");
+    run.shutdown().await.expect("workers");
     elapsed
 }
 
@@ -300,12 +294,7 @@ async fn pick_up(backend: Backend, count: usize) -> Vec<Duration> {
     #[cfg(not(feature = "postgres"))]
     let submitter = workers.clone();
 
-    let stop = CancellationToken::new();
-    let run = tokio::spawn({
-        let workers = workers.clone();
-        let stop = stop.clone();
-        async move { workers.run_with_token(stop).await }
-    });
+    let run = workers.spawn();
     // Let the workers reach their idle wait (and, on PostgreSQL, LISTEN) before timing.
     tokio::time::sleep(Duration::from_millis(300)).await;
 
@@ -320,8 +309,7 @@ async fn pick_up(backend: Backend, count: usize) -> Vec<Duration> {
         // The next submit finds the system idle again, its last request written.
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    stop.cancel();
-    run.await.expect("join").expect("workers");
+    run.shutdown().await.expect("workers");
     db.drop_schema().await;
     latencies.sort();
     latencies

@@ -32,8 +32,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use clap::Parser;
 use root_orchestrator::{
-    CancellationToken, Configuration, NewRequest, PostgresStore, ProcessingStrategy, Request,
-    RequestResults, RequestType, RootOrchestrator, Source, SqliteStore, TableConfig, TableStrategy,
+    Configuration, NewRequest, PostgresStore, ProcessingStrategy, Request, RequestResults,
+    RequestType, RootOrchestrator, Source, SqliteStore, TableConfig, TableStrategy,
     WorkflowContext, WorkflowError, WorkflowExecutor,
 };
 
@@ -207,12 +207,7 @@ async fn run(args: Args) -> Result<(), Failure> {
         );
     }
 
-    let shutdown = CancellationToken::new();
-    let workers = tokio::spawn({
-        let orchestrator = orchestrator.clone();
-        let shutdown = shutdown.clone();
-        async move { orchestrator.run_with_token(shutdown).await }
-    });
+    let workers = orchestrator.spawn();
     // The process's own time zone, so a test can see that its TZ took effect.
     println!(
         "local offset {}",
@@ -227,8 +222,7 @@ async fn run(args: Args) -> Result<(), Failure> {
     }
     // The graceful shutdown: no new claims, running requests get the grace period, the
     // rest are handed back.
-    shutdown.cancel();
-    workers.await??;
+    workers.shutdown().await?;
     println!("worker {worker} stopped");
     Ok(())
 }

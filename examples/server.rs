@@ -38,9 +38,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use market_intel::MarketIntelligenceWorkflow;
 use root_orchestrator::http::{HttpApi, Principal, StaticTokens};
-use root_orchestrator::{
-    CancellationToken, RequestType, RootOrchestrator, SqliteStore, TableConfig, TableStrategy,
-};
+use root_orchestrator::{RequestType, RootOrchestrator, SqliteStore, TableConfig, TableStrategy};
 use tokio::net::TcpListener;
 use tower_http::timeout::TimeoutLayer;
 use tracing_subscriber::EnvFilter;
@@ -150,16 +148,12 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let listener = TcpListener::bind(args.bind).await?;
     let address = listener.local_addr()?;
 
-    let shutdown = CancellationToken::new();
-    let workers = tokio::spawn({
-        let shutdown = shutdown.clone();
-        async move { orchestrator.run_with_token(shutdown).await }
-    });
+    let workers = orchestrator.spawn();
 
     println!("requests are kept in {store_name}");
     println!("listening on http://{address} (Ctrl-C to stop)");
 
-    let stop = shutdown.clone();
+    let stop = workers.shutdown_token();
     serve(listener, app, async move {
         // A failing signal handler would leave no way to stop but killing the process;
         // stopping at once is the better of the two.
@@ -169,8 +163,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     })
     .await;
 
-    shutdown.cancel();
-    workers.await??;
+    workers.shutdown().await?;
     println!("stopped");
     Ok(())
 }

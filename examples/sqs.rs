@@ -41,9 +41,8 @@ use std::time::Duration;
 use clap::Parser;
 use market_intel::MarketIntelligenceWorkflow;
 use root_orchestrator::{
-    CancellationToken, ListFilter, QueueBackend, QueueConfig, QueueStrategy, Request, RequestId,
-    RequestMessage, RequestStatus, RequestStore, RequestType, RootOrchestrator, SqliteStore,
-    SqsQueue,
+    ListFilter, QueueBackend, QueueConfig, QueueStrategy, Request, RequestId, RequestMessage,
+    RequestStatus, RequestStore, RequestType, RootOrchestrator, SqliteStore, SqsQueue,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -156,12 +155,7 @@ async fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         seen.insert(copy.id.clone(), copy.status);
     }
 
-    let shutdown = CancellationToken::new();
-    let consumers = tokio::spawn({
-        let orchestrator = orchestrator.clone();
-        let shutdown = shutdown.clone();
-        async move { orchestrator.run_with_token(shutdown).await }
-    });
+    let consumers = orchestrator.spawn();
 
     let mut interrupted = false;
     loop {
@@ -195,8 +189,7 @@ async fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
             }
         }
     }
-    shutdown.cancel();
-    consumers.await??;
+    consumers.shutdown().await?;
 
     println!(
         "\n{:<38} {:<10} {:>8}  report",

@@ -24,9 +24,9 @@ use async_trait::async_trait;
 use clap::{Parser, ValueEnum};
 use market_intel::MarketIntelligenceWorkflow;
 use root_orchestrator::{
-    CancellationToken, PostgresStore, PostgresStoreOptions, Request, RequestId, RequestMessage,
-    RequestResults, RequestStatus, RequestStore, RootOrchestrator, TableConfig, TableStrategy,
-    WorkflowContext, WorkflowError, WorkflowExecutor,
+    PostgresStore, PostgresStoreOptions, Request, RequestId, RequestMessage, RequestResults,
+    RequestStatus, RequestStore, RootOrchestrator, TableConfig, TableStrategy, WorkflowContext,
+    WorkflowError, WorkflowExecutor,
 };
 
 #[derive(Parser)]
@@ -204,12 +204,7 @@ async fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         println!("worker {worker} submitted {} requests", args.submit);
     }
 
-    let shutdown = CancellationToken::new();
-    let workers = tokio::spawn({
-        let orchestrator = orchestrator.clone();
-        let shutdown = shutdown.clone();
-        async move { orchestrator.run_with_token(shutdown).await }
-    });
+    let workers = orchestrator.spawn();
 
     // A process started next to the one that submits may look before anything is there:
     // it only counts the table as drained once it has seen work, or after a few seconds.
@@ -232,8 +227,7 @@ async fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
             break;
         }
     }
-    shutdown.cancel();
-    workers.await??;
+    workers.shutdown().await?;
 
     let mine: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM example_executions WHERE worker = $1")
         .bind(&worker)

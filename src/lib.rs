@@ -70,7 +70,7 @@ pub use model::{
     MAX_RUN_AFTER_DAYS, MessageMetadata, NewRequest, Priority, Progress, Request, RequestId,
     RequestMessage, RequestResults, RequestType, Source, StatusChange,
 };
-pub use orchestrator::{RootOrchestrator, RootOrchestratorBuilder};
+pub use orchestrator::{RootOrchestrator, RootOrchestratorBuilder, RunningWorkers};
 #[cfg(feature = "queue")]
 pub use queue::{DeadLetter, MemoryQueue};
 pub use queue::{OutgoingMessage, QueueBackend, QueueDepth, ReceivedMessage};

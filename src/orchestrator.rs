@@ -46,8 +46,7 @@ use crate::strategy::ProcessingStrategy;
 ///     .executor(RequestType::SEMAGLUTIDE_INTELLIGENCE, Echo)
 ///     .build()?;
 ///
-/// let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-/// let workers = tokio::spawn(orchestrator.clone().run_until(async { stopped.await.ok(); }));
+/// let workers = orchestrator.spawn();
 ///
 /// let mut configuration = Configuration::new(["semaglutide"]);
 /// configuration.sources.push(Source::new("FDA", "regulatory"));
@@ -63,8 +62,7 @@ use crate::strategy::ProcessingStrategy;
 /// assert_eq!(orchestrator.status(&id).await?.status, RequestStatus::Completed);
 /// assert_eq!(orchestrator.results(&id).await?.summary["keywords"][0], "semaglutide");
 ///
-/// stop.send(()).ok();
-/// workers.await??;
+/// workers.shutdown().await?;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// # })?;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
@@ -315,6 +313,47 @@ impl RootOrchestrator {
         }
     }
 
+    /// Starts the workers on a task of their own, as [`run_with_token`](Self::run_with_token)
+    /// would run them, and returns the handle that stops them. Call it inside a Tokio
+    /// runtime, beside whatever else the host serves.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use root_orchestrator::*;
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+    /// # struct Noop;
+    /// # #[async_trait::async_trait]
+    /// # impl WorkflowExecutor for Noop {
+    /// #     async fn execute(&self, _: &Request, _: &WorkflowContext)
+    /// #         -> std::result::Result<RequestResults, WorkflowError> {
+    /// #         Ok(RequestResults::new(None, serde_json::Value::Null))
+    /// #     }
+    /// # }
+    /// let orchestrator = RootOrchestrator::builder()
+    ///     .strategy(TableStrategy::new(MemoryStore::new(), TableConfig::default())?)
+    ///     .executor("market_intelligence", Noop)
+    ///     .build()?;
+    ///
+    /// let workers = orchestrator.spawn();
+    /// assert!(!workers.is_finished());
+    ///
+    /// // Stop claiming, give running requests their grace period, and wait.
+    /// workers.shutdown().await?;
+    /// # Ok::<(), Error>(())
+    /// # })?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn spawn(&self) -> RunningWorkers {
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn({
+            let orchestrator = self.clone();
+            let shutdown = shutdown.clone();
+            async move { orchestrator.run_with_token(shutdown).await }
+        });
+        RunningWorkers { shutdown, task }
+    }
+
     /// Runs the workers until `token` is cancelled, then shuts down gracefully.
     ///
     /// # Errors
@@ -344,6 +383,64 @@ impl RootOrchestrator {
 
     /// How long [`ready`](Self::ready) waits for the store.
     pub const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+}
+
+/// Workers started by [`RootOrchestrator::spawn`], running on a task of their own.
+///
+/// Dropping the handle leaves them running until the runtime ends; stop them with
+/// [`shutdown`](Self::shutdown), or cancel the [`shutdown_token`](Self::shutdown_token) from
+/// elsewhere (a signal handler) and [`wait`](Self::wait).
+#[derive(Debug)]
+#[must_use = "workers whose handle is dropped cannot be stopped gracefully"]
+pub struct RunningWorkers {
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl RunningWorkers {
+    /// The token whose cancellation stops the workers gracefully.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Whether the workers have stopped: after a shutdown, or a fault that ended the run.
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Stops claiming, lets running requests finish within the strategy's grace period,
+    /// hands back the rest, and returns how the run ended.
+    ///
+    /// # Errors
+    ///
+    /// As [`RootOrchestrator::run_with_token`].
+    ///
+    /// # Panics
+    ///
+    /// When the workers' task panicked: the panic goes on here.
+    pub async fn shutdown(self) -> Result<()> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+
+    /// Waits until the workers stop, without asking them to.
+    ///
+    /// # Errors
+    ///
+    /// As [`RootOrchestrator::run_with_token`].
+    ///
+    /// # Panics
+    ///
+    /// When the workers' task panicked: the panic goes on here.
+    pub async fn wait(self) -> Result<()> {
+        match self.task.await {
+            Ok(result) => result,
+            Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+            // Nothing aborts the task; it is cancelled only when its runtime shuts down, in
+            // which case nobody is left to wait here.
+            Err(err) => panic!("the workers' task was cancelled: {err}"),
+        }
+    }
 }
 
 /// Builds a [`RootOrchestrator`]: a strategy plus an executor per request type.

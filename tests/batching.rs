@@ -18,11 +18,11 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use root_orchestrator::{
-    AttemptError, BackoffPolicy, CancelOutcome, CancellationToken, Configuration, FencedWrite,
-    InsertOutcome, LeaseRef, ListFilter, NewRequest, Priority, Progress, Request, RequestId,
-    RequestPage, RequestResults, RequestStatus, RequestStore, RequestType, RescuedRequest, Result,
-    RootOrchestrator, Source, SqliteStore, TableConfig, TableStrategy, WorkflowContext,
-    WorkflowError, WorkflowExecutor, WriteOutcome,
+    AttemptError, BackoffPolicy, CancelOutcome, Configuration, FencedWrite, InsertOutcome,
+    LeaseRef, ListFilter, NewRequest, Priority, Progress, Request, RequestId, RequestPage,
+    RequestResults, RequestStatus, RequestStore, RequestType, RescuedRequest, Result,
+    RootOrchestrator, RunningWorkers, Source, SqliteStore, TableConfig, TableStrategy,
+    WorkflowContext, WorkflowError, WorkflowExecutor, WriteOutcome,
 };
 use tokio::time::Instant;
 
@@ -593,8 +593,7 @@ fn fast_config(max_concurrent_requests: usize) -> TableConfig {
 
 struct Workers {
     orchestrator: RootOrchestrator,
-    stop: CancellationToken,
-    run: tokio::task::JoinHandle<Result<()>>,
+    run: RunningWorkers,
 }
 
 fn start(store: Arc<dyn RequestStore>, config: TableConfig, executor: Scripted) -> Workers {
@@ -603,23 +602,13 @@ fn start(store: Arc<dyn RequestStore>, config: TableConfig, executor: Scripted) 
         .executor(TYPE, executor)
         .build()
         .unwrap();
-    let stop = CancellationToken::new();
-    let run = tokio::spawn({
-        let orchestrator = orchestrator.clone();
-        let stop = stop.clone();
-        async move { orchestrator.run_with_token(stop).await }
-    });
-    Workers {
-        orchestrator,
-        stop,
-        run,
-    }
+    let run = orchestrator.spawn();
+    Workers { orchestrator, run }
 }
 
 impl Workers {
     async fn stop(self) {
-        self.stop.cancel();
-        self.run.await.unwrap().unwrap();
+        self.run.shutdown().await.unwrap();
     }
 }
 

@@ -20,10 +20,9 @@ use root_orchestrator::{
     InsertOutcome, LeaseRef, ListFilter, MemoryQueue, NewRequest, Progress, QueueBackend,
     QueueConfig, QueueDepth, QueueStrategy, ReceivedMessage, Request, RequestId, RequestPage,
     RequestResults, RequestStatus, RequestStore, RequestType, RescuedRequest, RootOrchestrator,
-    Source, SqliteStore, TableConfig, TableStrategy, WorkflowContext, WorkflowError,
-    WorkflowExecutor, WriteOutcome,
+    RunningWorkers, Source, SqliteStore, TableConfig, TableStrategy, WorkflowContext,
+    WorkflowError, WorkflowExecutor, WriteOutcome,
 };
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 const TYPE: &str = "semaglutide_intelligence";
@@ -448,17 +447,8 @@ impl Cluster {
         }
         .build()
         .unwrap();
-        let stop = CancellationToken::new();
-        let run = tokio::spawn({
-            let orchestrator = orchestrator.clone();
-            let stop = stop.clone();
-            async move { orchestrator.run_with_token(stop).await }
-        });
-        Workers {
-            orchestrator,
-            stop,
-            run,
-        }
+        let run = orchestrator.spawn();
+        Workers { orchestrator, run }
     }
 
     async fn get(&self, id: &RequestId) -> Request {
@@ -498,8 +488,7 @@ impl Cluster {
 
 struct Workers {
     orchestrator: RootOrchestrator,
-    stop: CancellationToken,
-    run: JoinHandle<root_orchestrator::Result<()>>,
+    run: RunningWorkers,
 }
 
 impl Workers {
@@ -508,11 +497,10 @@ impl Workers {
     }
 
     async fn stop(self) {
-        self.stop.cancel();
-        let stopped = tokio::time::timeout(Duration::from_secs(15), self.run)
+        let stopped = tokio::time::timeout(Duration::from_secs(15), self.run.shutdown())
             .await
             .expect("workers stop within their shutdown grace period");
-        stopped.unwrap().unwrap();
+        stopped.unwrap();
     }
 }
 

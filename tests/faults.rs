@@ -26,9 +26,10 @@ use faults_support::{
     wait_until,
 };
 use root_orchestrator::{
-    CancellationToken, Configuration, NewRequest, PostgresStore, PostgresStoreOptions, Request,
-    RequestId, RequestResults, RequestStatus, RequestStore, RequestType, RootOrchestrator, Source,
-    SqliteStore, TableConfig, TableStrategy, WorkflowContext, WorkflowError, WorkflowExecutor,
+    Configuration, NewRequest, PostgresStore, PostgresStoreOptions, Request, RequestId,
+    RequestResults, RequestStatus, RequestStore, RequestType, RootOrchestrator, RunningWorkers,
+    Source, SqliteStore, TableConfig, TableStrategy, WorkflowContext, WorkflowError,
+    WorkflowExecutor,
 };
 use tokio::time::Instant;
 
@@ -369,28 +370,17 @@ impl Counting {
 /// Runs `orchestrator`'s workers until the token is cancelled.
 struct Running {
     orchestrator: RootOrchestrator,
-    stop: CancellationToken,
-    run: tokio::task::JoinHandle<root_orchestrator::Result<()>>,
+    run: RunningWorkers,
 }
 
 impl Running {
     fn start(orchestrator: RootOrchestrator) -> Running {
-        let stop = CancellationToken::new();
-        let run = tokio::spawn({
-            let orchestrator = orchestrator.clone();
-            let stop = stop.clone();
-            async move { orchestrator.run_with_token(stop).await }
-        });
-        Running {
-            orchestrator,
-            stop,
-            run,
-        }
+        let run = orchestrator.spawn();
+        Running { orchestrator, run }
     }
 
     async fn stop(self) {
-        self.stop.cancel();
-        self.run.await.unwrap().expect("workers stop cleanly");
+        self.run.shutdown().await.expect("workers stop cleanly");
     }
 }
 

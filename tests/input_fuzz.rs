@@ -16,9 +16,9 @@ use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, TestRunner};
 use root_orchestrator::{
-    BackoffPolicy, CancellationToken, Configuration, Error, MemoryQueue, NewRequest, Priority,
-    QueueBackend, QueueConfig, QueueStrategy, Request, RequestId, RequestMessage, RequestResults,
-    RequestStore, RequestType, RootOrchestrator, Source, SqliteStore, TableConfig, TableStrategy,
+    BackoffPolicy, Configuration, Error, MemoryQueue, NewRequest, Priority, QueueBackend,
+    QueueConfig, QueueStrategy, Request, RequestId, RequestMessage, RequestResults, RequestStore,
+    RequestType, RootOrchestrator, Source, SqliteStore, TableConfig, TableStrategy,
     WorkflowContext, WorkflowError, WorkflowExecutor,
 };
 use serde_json::{Value, json};
@@ -666,12 +666,7 @@ fn queue_bodies_are_run_or_dead_lettered_naming_the_field() {
             .executor(TYPE, Succeeds)
             .build()
             .unwrap();
-        let stop = CancellationToken::new();
-        let workers = tokio::spawn({
-            let orchestrator = orchestrator.clone();
-            let stop = stop.clone();
-            async move { orchestrator.run_with_token(stop).await }
-        });
+        let workers = orchestrator.spawn();
 
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -694,8 +689,7 @@ fn queue_bodies_are_run_or_dead_lettered_naming_the_field() {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        stop.cancel();
-        workers.await.unwrap().unwrap();
+        workers.shutdown().await.unwrap();
 
         // Exactly the valid bodies made requests; every other one is a dead letter whose
         // reason names the field (or the unknown type) the parser names.

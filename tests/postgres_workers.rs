@@ -17,8 +17,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use root_orchestrator::{
     CancellationToken, Configuration, NewRequest, PostgresStore, Request, RequestId,
-    RequestResults, RequestStatus, RequestStore, RequestType, RootOrchestrator, Source,
-    TableConfig, TableStrategy, WorkflowContext, WorkflowError, WorkflowExecutor,
+    RequestResults, RequestStatus, RequestStore, RequestType, RootOrchestrator, RunningWorkers,
+    Source, TableConfig, TableStrategy, WorkflowContext, WorkflowError, WorkflowExecutor,
 };
 use tokio::time::Instant;
 
@@ -289,8 +289,7 @@ impl WorkflowExecutor for Counting {
 
 struct Workers {
     orchestrator: RootOrchestrator,
-    stop: CancellationToken,
-    run: tokio::task::JoinHandle<root_orchestrator::Result<()>>,
+    run: RunningWorkers,
     executions: Arc<Mutex<HashMap<RequestId, usize>>>,
     cancels_seen: Arc<AtomicUsize>,
 }
@@ -310,15 +309,9 @@ fn start_workers(store: PostgresStore, config: TableConfig, pause: Duration) -> 
         )
         .build()
         .unwrap();
-    let stop = CancellationToken::new();
-    let run = tokio::spawn({
-        let orchestrator = orchestrator.clone();
-        let stop = stop.clone();
-        async move { orchestrator.run_with_token(stop).await }
-    });
+    let run = orchestrator.spawn();
     Workers {
         orchestrator,
-        stop,
         run,
         executions,
         cancels_seen,
@@ -327,8 +320,7 @@ fn start_workers(store: PostgresStore, config: TableConfig, pause: Duration) -> 
 
 impl Workers {
     async fn stop(self) {
-        self.stop.cancel();
-        self.run.await.unwrap().unwrap();
+        self.run.shutdown().await.unwrap();
     }
 }
 

@@ -686,12 +686,7 @@ async fn a_second_run_of_one_strategy_is_refused() {
         .executor(TYPE, counting(Arc::default()))
         .build()
         .unwrap();
-    let stop = CancellationToken::new();
-    let first = tokio::spawn({
-        let orchestrator = orchestrator.clone();
-        let stop = stop.clone();
-        async move { orchestrator.run_with_token(stop).await }
-    });
+    let first = orchestrator.spawn();
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     let second = orchestrator.run_with_token(CancellationToken::new()).await;
@@ -699,8 +694,7 @@ async fn a_second_run_of_one_strategy_is_refused() {
         matches!(second, Err(Error::AlreadyRunning { strategy: "queue" })),
         "{second:?}"
     );
-    stop.cancel();
-    first.await.unwrap().unwrap();
+    first.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -736,12 +730,7 @@ async fn redriven_dead_letters_run_once_their_cause_is_fixed() {
         .executor("pricing_watch", counting(calls.clone()))
         .build()
         .unwrap();
-    let stop = CancellationToken::new();
-    let workers = tokio::spawn({
-        let orchestrator = orchestrator.clone();
-        let stop = stop.clone();
-        async move { orchestrator.run_with_token(stop).await }
-    });
+    let workers = orchestrator.spawn();
     assert_eq!(strategy.redrive_dead_letters(10).await.unwrap(), 1);
     assert_eq!(strategy.depth().await.unwrap().dead_lettered, 0);
 
@@ -761,8 +750,7 @@ async fn redriven_dead_letters_run_once_their_cause_is_fixed() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(calls.load(Ordering::SeqCst), 1);
-    stop.cancel();
-    workers.await.unwrap().unwrap();
+    workers.shutdown().await.unwrap();
     drop(dir);
 }
 
@@ -969,15 +957,10 @@ async fn a_message_redriven_after_the_retention_window_runs_as_a_resubmission() 
         .executor(TYPE, counting(Arc::default()))
         .build()
         .unwrap();
-    let stop = CancellationToken::new();
-    let workers = tokio::spawn({
-        let (orchestrator, stop) = (orchestrator.clone(), stop.clone());
-        async move { orchestrator.run_with_token(stop).await }
-    });
+    let workers = orchestrator.spawn();
     queue.send(&body, Duration::ZERO).await.unwrap();
     wait_depth(&shared, |d| d.dead_lettered == 1).await;
-    stop.cancel();
-    workers.await.unwrap().unwrap();
+    workers.shutdown().await.unwrap();
     tokio::time::sleep(Duration::from_millis(1_500)).await;
 
     // The executor is deployed, and the operator redrives.
@@ -988,19 +971,14 @@ async fn a_message_redriven_after_the_retention_window_runs_as_a_resubmission() 
         .executor("pricing_watch", counting(calls.clone()))
         .build()
         .unwrap();
-    let stop = CancellationToken::new();
-    let workers = tokio::spawn({
-        let (orchestrator, stop) = (orchestrator.clone(), stop.clone());
-        async move { orchestrator.run_with_token(stop).await }
-    });
+    let workers = orchestrator.spawn();
     assert_eq!(strategy.redrive_dead_letters(10).await.unwrap(), 1);
     let deadline = Instant::now() + Duration::from_secs(10);
     while calls.load(Ordering::SeqCst) == 0 {
         assert!(Instant::now() < deadline, "the redriven message never ran");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    stop.cancel();
-    workers.await.unwrap().unwrap();
+    workers.shutdown().await.unwrap();
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     let request = store
         .get(&RequestId::parse(&id).unwrap())

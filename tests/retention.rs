@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use root_orchestrator::{
-    BackoffPolicy, CancellationToken, Configuration, NewRequest, Request, RequestResults,
-    RequestStatus, RequestStore, RequestType, RootOrchestrator, Source, SqliteStore, TableConfig,
-    TableStrategy, WorkflowContext, WorkflowError, WorkflowExecutor,
+    BackoffPolicy, Configuration, NewRequest, Request, RequestResults, RequestStatus, RequestStore,
+    RequestType, RootOrchestrator, Source, SqliteStore, TableConfig, TableStrategy,
+    WorkflowContext, WorkflowError, WorkflowExecutor,
 };
 use tokio::time::Instant;
 
@@ -143,12 +143,7 @@ where
         .executor(TYPE, Report)
         .build()
         .unwrap();
-    let stop = CancellationToken::new();
-    let workers = tokio::spawn({
-        let orchestrator = orchestrator.clone();
-        let stop = stop.clone();
-        async move { orchestrator.run_with_token(stop).await }
-    });
+    let workers = orchestrator.spawn();
 
     let mut most_rows = 0;
     let mut pages = Vec::new();
@@ -191,8 +186,7 @@ where
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    stop.cancel();
-    workers.await.unwrap().unwrap();
+    workers.shutdown().await.unwrap();
 
     assert!(
         most_rows > 0,

@@ -9,10 +9,10 @@ use async_trait::async_trait;
 use futures::future::BoxFuture;
 use root_orchestrator::{
     BackoffPolicy, CancelOutcome, CancellationToken, Configuration, NewRequest, Priority, Request,
-    RequestId, RequestResults, RequestStatus, RequestStore, RequestType, RootOrchestrator, Source,
-    SqliteStore, TableConfig, TableStrategy, WorkflowContext, WorkflowError, WorkflowExecutor,
+    RequestId, RequestResults, RequestStatus, RequestStore, RequestType, RootOrchestrator,
+    RunningWorkers, Source, SqliteStore, TableConfig, TableStrategy, WorkflowContext,
+    WorkflowError, WorkflowExecutor,
 };
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 const TYPE: &str = "semaglutide_intelligence";
@@ -71,8 +71,7 @@ fn request(keyword: &str) -> NewRequest {
 struct Running {
     orchestrator: RootOrchestrator,
     store: SqliteStore,
-    stop: CancellationToken,
-    workers: JoinHandle<root_orchestrator::Result<()>>,
+    workers: RunningWorkers,
     _dir: tempfile::TempDir,
 }
 
@@ -96,16 +95,10 @@ impl Running {
             .executor(TYPE, executor)
             .build()
             .unwrap();
-        let stop = CancellationToken::new();
-        let workers = tokio::spawn({
-            let orchestrator = orchestrator.clone();
-            let stop = stop.clone();
-            async move { orchestrator.run_with_token(stop).await }
-        });
+        let workers = orchestrator.spawn();
         Running {
             orchestrator,
             store,
-            stop,
             workers,
             _dir: dir,
         }
@@ -137,8 +130,7 @@ impl Running {
     }
 
     async fn shutdown(self) -> Stopped {
-        self.stop.cancel();
-        self.workers.await.unwrap().unwrap();
+        self.workers.shutdown().await.unwrap();
         Stopped {
             store: self.store,
             _dir: self._dir,

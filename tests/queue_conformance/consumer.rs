@@ -8,12 +8,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use root_orchestrator::{
-    BackoffPolicy, CancellationToken, Configuration, NewRequest, QueueBackend, QueueConfig,
-    QueueStrategy, Request, RequestId, RequestMessage, RequestResults, RequestStatus, RequestStore,
-    RequestType, RootOrchestrator, Source, SqliteStore, WorkflowContext, WorkflowError,
+    BackoffPolicy, Configuration, NewRequest, QueueBackend, QueueConfig, QueueStrategy, Request,
+    RequestId, RequestMessage, RequestResults, RequestStatus, RequestStore, RequestType,
+    RootOrchestrator, RunningWorkers, Source, SqliteStore, WorkflowContext, WorkflowError,
     WorkflowExecutor,
 };
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::{QueueHarness, receive_one};
@@ -158,8 +157,7 @@ pub struct Consumers {
     pub strategy: QueueStrategy,
     pub store: SqliteStore,
     pub queue: Arc<dyn QueueBackend>,
-    stop: CancellationToken,
-    workers: JoinHandle<root_orchestrator::Result<()>>,
+    workers: RunningWorkers,
     _dir: tempfile::TempDir,
 }
 
@@ -190,18 +188,12 @@ impl Consumers {
             .executor(TYPE, executor)
             .build()
             .unwrap();
-        let stop = CancellationToken::new();
-        let workers = tokio::spawn({
-            let orchestrator = orchestrator.clone();
-            let stop = stop.clone();
-            async move { orchestrator.run_with_token(stop).await }
-        });
+        let workers = orchestrator.spawn();
         Consumers {
             orchestrator,
             strategy,
             store,
             queue,
-            stop,
             workers,
             _dir: dir,
         }
@@ -238,8 +230,7 @@ impl Consumers {
     /// Stops the consumers; returns how long that took.
     pub async fn stop(self) -> (Duration, SqliteStore, tempfile::TempDir) {
         let started = Instant::now();
-        self.stop.cancel();
-        self.workers.await.unwrap().unwrap();
+        self.workers.shutdown().await.unwrap();
         (started.elapsed(), self.store, self._dir)
     }
 }
