@@ -48,6 +48,16 @@ fn request(kind: &str) -> NewRequest {
     )
 }
 
+/// Stores a request of `kind` (4 attempts) straight into `store`; returns its id.
+async fn stored(store: &dyn RequestStore, kind: &str) -> RequestId {
+    store
+        .insert(request(kind), 4)
+        .await
+        .unwrap()
+        .into_request()
+        .id
+}
+
 fn args(items: &[&str]) -> Vec<String> {
     items.iter().map(|s| (*s).to_owned()).collect()
 }
@@ -85,12 +95,7 @@ async fn sqlite_request_of_a_killed_worker_is_rerun_by_another_process_and_compl
     let db = dir.path().join("requests.db");
     let journal_path = dir.path().join("journal");
     let store = SqliteStore::open(&db).await.unwrap();
-    let id = store
-        .insert(request("long"), 4)
-        .await
-        .unwrap()
-        .into_request()
-        .id;
+    let id = stored(&store, "long").await;
 
     let worker_args = |long_ms: &str| {
         args(&[
@@ -180,22 +185,8 @@ async fn sigterm_finishes_what_fits_the_grace_period_hands_back_the_rest_and_cla
     let mut short = Vec::new();
     let mut long = Vec::new();
     for _ in 0..2 {
-        short.push(
-            store
-                .insert(request("short"), 4)
-                .await
-                .unwrap()
-                .into_request()
-                .id,
-        );
-        long.push(
-            store
-                .insert(request("long"), 4)
-                .await
-                .unwrap()
-                .into_request()
-                .id,
-        );
+        short.push(stored(&store, "short").await);
+        long.push(stored(&store, "long").await);
     }
 
     // Five slots for four requests: a claim loop still running after the signal would take
@@ -232,14 +223,7 @@ async fn sigterm_finishes_what_fits_the_grace_period_hands_back_the_rest_and_cla
     let signalled = Instant::now();
     let mut after_signal = Vec::new();
     for _ in 0..3 {
-        after_signal.push(
-            store
-                .insert(request("short"), 4)
-                .await
-                .unwrap()
-                .into_request()
-                .id,
-        );
+        after_signal.push(stored(&store, "short").await);
     }
     let status = first.wait(Duration::from_secs(10)).await;
     let took = signalled.elapsed();
@@ -455,14 +439,7 @@ async fn postgres_outage_behind_a_proxy_loses_nothing_and_workers_recover_by_the
 
     let mut ids = Vec::new();
     for _ in 0..60 {
-        ids.push(
-            direct
-                .insert(request("short"), 4)
-                .await
-                .unwrap()
-                .into_request()
-                .id,
-        );
+        ids.push(stored(&direct, "short").await);
     }
     wait_until("work is under way", Duration::from_secs(20), || async {
         count(&direct, RequestStatus::Completed).await >= 10
@@ -476,14 +453,7 @@ async fn postgres_outage_behind_a_proxy_loses_nothing_and_workers_recover_by_the
     }
     // Another process submits meanwhile: its notifications cannot reach the workers.
     for _ in 0..20 {
-        ids.push(
-            direct
-                .insert(request("short"), 4)
-                .await
-                .unwrap()
-                .into_request()
-                .id,
-        );
+        ids.push(stored(&direct, "short").await);
     }
     tokio::time::sleep(Duration::from_secs(3).saturating_sub(outage.elapsed())).await;
     for process in &processes {
