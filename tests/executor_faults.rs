@@ -100,6 +100,8 @@ fn request(keyword: &str) -> NewRequest {
 struct Partitioned {
     inner: Arc<dyn RequestStore>,
     cut_off: Arc<AtomicBool>,
+    /// Cuts the store off as soon as the next claim has returned.
+    cut_after_claim: Arc<AtomicBool>,
     completions: Arc<Mutex<Vec<(RequestId, WriteOutcome)>>>,
 }
 
@@ -108,7 +110,14 @@ impl Partitioned {
         Partitioned {
             inner,
             cut_off: Arc::default(),
+            cut_after_claim: Arc::default(),
             completions: Arc::default(),
+        }
+    }
+
+    fn after_claim(&self, claimed: bool) {
+        if claimed && self.cut_after_claim.swap(false, Ordering::SeqCst) {
+            self.cut_off.store(true, Ordering::SeqCst);
         }
     }
 
@@ -148,7 +157,9 @@ impl RequestStore for Partitioned {
         lease_duration: Duration,
     ) -> root_orchestrator::Result<Vec<Request>> {
         self.check("claim")?;
-        self.inner.claim(owner, limit, lease_duration).await
+        let claimed = self.inner.claim(owner, limit, lease_duration).await?;
+        self.after_claim(!claimed.is_empty());
+        Ok(claimed)
     }
 
     async fn claim_request(
@@ -158,7 +169,9 @@ impl RequestStore for Partitioned {
         lease_duration: Duration,
     ) -> root_orchestrator::Result<Option<Request>> {
         self.check("claim_request")?;
-        self.inner.claim_request(id, owner, lease_duration).await
+        let claimed = self.inner.claim_request(id, owner, lease_duration).await?;
+        self.after_claim(claimed.is_some());
+        Ok(claimed)
     }
 
     async fn mark_executing(&self, lease: &LeaseRef) -> root_orchestrator::Result<WriteOutcome> {
@@ -608,6 +621,9 @@ async fn an_executor_that_never_returns_times_out_on_every_attempt(backend: Back
                 if let Some(outcome) = quick(&request, &ctx).await {
                     return outcome;
                 }
+                if keyword(&request) == "unbounded" {
+                    return Ok(results_of(ctx.attempt()));
+                }
                 if keyword(&request) == "slow-but-allowed" {
                     tokio::time::sleep(Duration::from_millis(900)).await;
                     return Ok(results_of(ctx.attempt()));
@@ -624,8 +640,11 @@ async fn an_executor_that_never_returns_times_out_on_every_attempt(backend: Back
             }
         }
     })
-    .with_timeout(|request| {
-        (request.configuration.keywords[0] == "slow-but-allowed").then(|| Duration::from_secs(5))
+    .with_timeout(|request| match request.configuration.keywords[0].as_str() {
+        "slow-but-allowed" => Some(Duration::from_secs(5)),
+        // Too far off to add to an instant: no limit at all.
+        "unbounded" => Some(Duration::MAX),
+        _ => None,
     });
     let timing = Timing {
         execution_timeout: timeout,
@@ -664,6 +683,10 @@ async fn an_executor_that_never_returns_times_out_on_every_attempt(backend: Back
     let allowed = cluster.wait_terminal(&allowed).await;
     assert_eq!(allowed.status, RequestStatus::Completed, "{backend:?}");
     assert_eq!(allowed.attempts, 1);
+    let unbounded = workers.submit(request("unbounded")).await;
+    let unbounded = cluster.wait_terminal(&unbounded).await;
+    assert_eq!(unbounded.status, RequestStatus::Completed, "{backend:?}");
+    assert_eq!(unbounded.attempts, 1, "{:?}", unbounded.errors);
 
     assert_slot_free(&cluster, &workers).await;
     workers.stop().await;
@@ -828,6 +851,117 @@ async fn a_result_returned_after_a_rescue_is_refused(backend: Backend) {
     cluster.finish().await;
 }
 
+/// An executor that ignores the timeout's cancel and takes longer than the lease to
+/// return, within a grace period longer than the lease: the worker keeps the lease while it
+/// waits, so the request never starts again beside it, and each attempt fails as a timeout.
+async fn a_grace_period_longer_than_the_lease_keeps_each_attempt_alone(backend: Backend) {
+    let cluster = Cluster::new(backend).await;
+    let runs = Arc::new(Mutex::new(Vec::new()));
+    let executor = scripted({
+        let runs = runs.clone();
+        move |request, ctx| {
+            let runs = runs.clone();
+            async move {
+                if let Some(outcome) = quick(&request, &ctx).await {
+                    return outcome;
+                }
+                let began = Instant::now();
+                // Deaf to the cancel, for longer than the lease.
+                tokio::time::sleep(Duration::from_millis(1_000)).await;
+                runs.lock().unwrap().push((began, Instant::now()));
+                Ok(results_of(ctx.attempt()))
+            }
+        }
+    });
+    let timing = Timing {
+        execution_timeout: Duration::from_millis(300),
+        cancel_grace_period: Duration::from_millis(1_500),
+        lease: Duration::from_millis(600),
+        max_retries: 1,
+    };
+    let workers = cluster.workers(timing, executor);
+
+    let id = workers.submit(request("overruns")).await;
+    let failed = cluster.wait_terminal(&id).await;
+
+    assert_eq!(failed.status, RequestStatus::Failed, "{backend:?}");
+    assert_eq!(failed.attempts, 2, "{:?}", failed.errors);
+    let messages: Vec<&str> = failed.errors.iter().map(|e| e.message.as_str()).collect();
+    assert_eq!(
+        messages, ["execution timed out after 300ms"; 2],
+        "{backend:?}: a lapsed lease re-ran the request"
+    );
+    assert_terminal_once(&failed);
+    let runs = runs.lock().unwrap().clone();
+    assert_eq!(runs.len(), 2, "{backend:?}");
+    assert!(
+        runs[1].0 >= runs[0].1,
+        "attempt 2 started while attempt 1 still ran"
+    );
+
+    workers.stop().await;
+    cluster.finish().await;
+}
+
+/// The store is cut off right after a claim, for most of a lease, so the write marking the
+/// request `EXECUTING` cannot be made. The worker stops the executor, which answers with
+/// its cancellation error; that answer is not the request's outcome: once the store is
+/// back, the request runs again and completes.
+async fn a_store_lost_as_an_attempt_starts_does_not_fail_the_request(backend: Backend) {
+    let cluster = Cluster::new(backend).await;
+    let executor = scripted(|request, ctx| async move {
+        if let Some(outcome) = quick(&request, &ctx).await {
+            return outcome;
+        }
+        tokio::select! {
+            _ = ctx.cancelled() => Err(WorkflowError::cancelled()),
+            _ = tokio::time::sleep(Duration::from_millis(1_500)) => Ok(results_of(ctx.attempt())),
+        }
+    });
+    let timing = Timing {
+        lease: Duration::from_secs(1),
+        cancel_grace_period: Duration::from_millis(300),
+        ..Timing::default()
+    };
+    let store = Partitioned::new(cluster.store.clone());
+    let queue = PartitionedQueue {
+        inner: cluster.queue.clone(),
+        cut_off: store.cut_off.clone(),
+    };
+    let workers = cluster.workers_on(Arc::new(store.clone()), Arc::new(queue), timing, executor);
+
+    store.cut_after_claim.store(true, Ordering::SeqCst);
+    let id = workers.submit(request("unlucky")).await;
+    let cut_off = store.cut_off.clone();
+    let healer = tokio::spawn(async move {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cut_off.load(Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "the store was never cut off");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        cut_off.store(false, Ordering::SeqCst);
+    });
+    healer.await.unwrap();
+    let finished = cluster.wait_terminal(&id).await;
+
+    assert_eq!(
+        finished.status,
+        RequestStatus::Completed,
+        "{backend:?}: {:?}",
+        finished.errors
+    );
+    assert!(
+        finished.errors.iter().all(|e| e.message != "cancelled"),
+        "{backend:?}: the stopped executor's answer was recorded: {:?}",
+        finished.errors
+    );
+    assert_terminal_once(&finished);
+
+    workers.stop().await;
+    cluster.finish().await;
+}
+
 macro_rules! on_every_backend {
     ($($scenario:ident),* $(,)?) => {
         mod table_sqlite {
@@ -865,4 +999,6 @@ on_every_backend!(
     an_executor_that_never_returns_times_out_on_every_attempt,
     an_executor_that_ignores_a_cancel_changes_nothing,
     a_result_returned_after_a_rescue_is_refused,
+    a_grace_period_longer_than_the_lease_keeps_each_attempt_alone,
+    a_store_lost_as_an_attempt_starts_does_not_fail_the_request,
 );

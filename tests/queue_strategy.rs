@@ -987,3 +987,29 @@ async fn a_message_redriven_after_the_retention_window_runs_as_a_resubmission() 
         .unwrap();
     assert_eq!(request.status, RequestStatus::Completed);
 }
+
+/// A batch with one request whose message the queue would refuse stores none of them: every
+/// message is measured before anything is stored.
+#[tokio::test]
+async fn a_batch_with_one_message_too_large_stores_none() {
+    use root_orchestrator::ProcessingStrategy;
+
+    let store = MemoryStore::new();
+    let queue = MemoryQueue::new().with_max_message_bytes(2048);
+    let strategy = QueueStrategy::with_shared(
+        Arc::new(store.clone()),
+        Arc::new(queue.clone()),
+        config(TICK),
+    )
+    .unwrap();
+    let mut big = new_request("big");
+    big.configuration.custom_params = serde_json::json!({ "notes": "x".repeat(4_000) });
+    let batch = vec![new_request("a"), new_request("b"), big, new_request("c")];
+
+    let err = strategy.submit_many(batch).await.unwrap_err();
+
+    assert!(matches!(err, Error::MessageTooLarge { .. }), "{err}");
+    let stored: u64 = store.count_by_status().await.unwrap().values().sum();
+    assert_eq!(stored, 0, "a refused batch stores nothing");
+    assert_eq!(queue.depth().await.unwrap().visible, 0, "and sends nothing");
+}

@@ -109,3 +109,46 @@ async fn schema_names_postgres_would_change_or_cannot_notify_on_are_refused() {
         }
     }
 }
+
+/// Two batches that share their ids, stored at once in opposite orders, can deadlock in
+/// PostgreSQL; the store runs the aborted one again, so both succeed and each id is stored
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_batches_stored_at_once_both_succeed() {
+    use root_orchestrator::{Configuration, InsertOutcome, NewRequest, RequestId, RequestType};
+
+    let schema = pg::fresh_schema("ro_overlap");
+    let store = pg::connect(&schema, 4).await;
+    let request = |id: &str| {
+        NewRequest::new(
+            "glp1-market-watch",
+            "analyst-001",
+            RequestType::new("semaglutide_intelligence").unwrap(),
+            Configuration::new(["semaglutide"]),
+        )
+        .with_id(RequestId::parse(id).unwrap())
+    };
+
+    for round in 0..8 {
+        let ids: Vec<String> = (0..300)
+            .map(|i| format!("overlap-{round}-{i:03}"))
+            .collect();
+        let forward: Vec<NewRequest> = ids.iter().map(|id| request(id)).collect();
+        let backward: Vec<NewRequest> = ids.iter().rev().map(|id| request(id)).collect();
+
+        let (a, b) = tokio::join!(
+            store.insert_many(forward, 4),
+            store.insert_many(backward, 4)
+        );
+        let (a, b) = (a.unwrap(), b.unwrap());
+
+        let inserted = a
+            .iter()
+            .chain(&b)
+            .filter(|o| matches!(o, InsertOutcome::Inserted(_)))
+            .count();
+        assert_eq!(inserted, ids.len(), "round {round}: each id stored once");
+        assert_eq!(a.len() + b.len(), 2 * ids.len());
+    }
+    pg::drop_schema(&schema).await;
+}

@@ -251,8 +251,12 @@ impl PostgresStore {
         // even when two submits of the same id race from different processes.
         // WITH ORDINALITY keeps the batch's order in `position`, and the batch shares the
         // transaction's `now()`, so it is claimed in the order given.
-        let rows = sqlx::query(concat!(
-            "INSERT INTO requests (id, project_id, user_id, request_type, priority, \
+        // Two batches that share ids can deadlock, each waiting on the other's uncommitted
+        // rows; PostgreSQL aborts one, which then finds the other's rows and runs again.
+        let mut deadlocks = 0;
+        let rows = loop {
+            let attempt = sqlx::query(concat!(
+                "INSERT INTO requests (id, project_id, user_id, request_type, priority, \
              configuration, status, history, max_attempts, created_at, run_after) \
              SELECT id, project_id, user_id, request_type, priority, configuration::jsonb, \
                  'PENDING', jsonb_build_array($7::jsonb), max_attempts, now(), \
@@ -263,50 +267,59 @@ impl PostgresStore {
                      max_attempts, run_after, position) \
              ORDER BY position \
              ON CONFLICT (id) DO NOTHING RETURNING ",
-            columns!()
-        ))
-        .bind(ids.iter().map(RequestId::as_str).collect::<Vec<_>>())
-        .bind(
-            requests
-                .iter()
-                .map(|r| r.project_id.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            requests
-                .iter()
-                .map(|r| r.user_id.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            requests
-                .iter()
-                .map(|r| r.request_type.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            requests
-                .iter()
-                .map(|r| r.priority.rank() as i16)
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            requests
-                .iter()
-                .map(|r| to_json(&r.configuration))
-                .collect::<Vec<_>>(),
-        )
-        .bind(history_entry(RequestStatus::Pending, None, "submitted"))
-        .bind(
-            requests
-                .iter()
-                .map(|r| r.max_attempts.unwrap_or(max_attempts) as i32)
-                .collect::<Vec<_>>(),
-        )
-        .bind(requests.iter().map(|r| r.run_after).collect::<Vec<_>>())
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| Error::store(operation, e))?;
+                columns!()
+            ))
+            .bind(ids.iter().map(RequestId::as_str).collect::<Vec<_>>())
+            .bind(
+                requests
+                    .iter()
+                    .map(|r| r.project_id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                requests
+                    .iter()
+                    .map(|r| r.user_id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                requests
+                    .iter()
+                    .map(|r| r.request_type.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                requests
+                    .iter()
+                    .map(|r| r.priority.rank() as i16)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                requests
+                    .iter()
+                    .map(|r| to_json(&r.configuration))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(history_entry(RequestStatus::Pending, None, "submitted"))
+            .bind(
+                requests
+                    .iter()
+                    .map(|r| r.max_attempts.unwrap_or(max_attempts) as i32)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(requests.iter().map(|r| r.run_after).collect::<Vec<_>>())
+            .fetch_all(&self.pool)
+            .await;
+            match attempt {
+                Err(sqlx::Error::Database(e))
+                    if e.code().as_deref() == Some(DEADLOCK_DETECTED) && deadlocks < 5 =>
+                {
+                    deadlocks += 1;
+                    tracing::debug!(deadlocks, "batch insert deadlocked; running it again");
+                }
+                other => break other.map_err(|e| Error::store(operation, e))?,
+            }
+        };
 
         let stored = rows
             .iter()
@@ -496,6 +509,9 @@ async fn apply_batch(
     }
     Ok(applied)
 }
+
+/// PostgreSQL's SQLSTATE for a transaction aborted to break a deadlock.
+const DEADLOCK_DETECTED: &str = "40P01";
 
 fn seconds(duration: Duration) -> f64 {
     duration.as_secs_f64()

@@ -4,6 +4,7 @@
 #![cfg_attr(not(feature = "table"), allow(dead_code))]
 
 use std::any::Any;
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,6 +60,8 @@ enum Wake {
     HandBack,
     /// The attempt ran past its execution timeout.
     TimedOut,
+    /// The write marking the request `EXECUTING` could not be made.
+    Unmarked,
 }
 
 /// Runs one claimed attempt to its end.
@@ -163,7 +166,8 @@ async fn run_leased(
     let limit = executor
         .timeout(&request)
         .unwrap_or(settings.execution_timeout);
-    let deadline = tokio::time::sleep_until(started + limit);
+    // A limit too far off to add to an instant (an executor's `Duration::MAX`) is none.
+    let deadline = tokio::time::sleep_until(started + limit.min(NO_LIMIT));
     tokio::pin!(deadline);
 
     let wake = loop {
@@ -194,7 +198,7 @@ async fn run_leased(
                             "could not mark the request executing; stopping the executor"
                         );
                         cancel.cancel();
-                        break Wake::Cancelled;
+                        break Wake::Unmarked;
                     }
                 }
             }
@@ -221,7 +225,7 @@ async fn run_leased(
         Wake::HandBack => {
             cancel.cancel();
             task.abort();
-            return hand_back_request(&*store, &lease).await;
+            return hand_back_request(&*store, &lease, "handed back at shutdown").await;
         }
         Wake::TimedOut => {
             // Whatever the executor returns once told to stop is not kept: the attempt
@@ -229,17 +233,30 @@ async fn run_leased(
             cancel.cancel();
             // The failure is written after the EXECUTING write, as every outcome is.
             let _ = marked.clone().await;
-            let _ = stop_within_grace(&mut task, settings.cancel_grace_period, &hand_back).await;
+            let keep = keep_lease(&*store, &lease, &mut heartbeat, settings.lease_duration);
+            let _ =
+                stop_within_grace(&mut task, settings.cancel_grace_period, &hand_back, keep).await;
             let error = WorkflowError::retryable(format!("execution timed out after {limit:?}"));
             let worth_retrying = executor.should_retry(&error);
             return record_failure(&*store, &request, &lease, &settings, error, worth_retrying)
                 .await;
         }
+        Wake::Unmarked => {
+            // This worker stopped the executor, not its work: what it returns is not kept.
+            // The request goes back to PENDING, or, with the store still away, its lease
+            // lapses and the rescuer returns it.
+            let keep = keep_lease(&*store, &lease, &mut heartbeat, settings.lease_duration);
+            let _ =
+                stop_within_grace(&mut task, settings.cancel_grace_period, &hand_back, keep).await;
+            return hand_back_request(&*store, &lease, "could not be marked executing").await;
+        }
         Wake::Cancelled => {
             // Give a cooperative executor the chance to stop cleanly; drop one that
             // ignores the cancel. Either way its outcome goes through the fenced write,
             // which a cancelled or rescued request refuses.
-            match stop_within_grace(&mut task, settings.cancel_grace_period, &hand_back).await {
+            let keep = keep_lease(&*store, &lease, &mut heartbeat, settings.lease_duration);
+            match stop_within_grace(&mut task, settings.cancel_grace_period, &hand_back, keep).await
+            {
                 Some(joined) => joined.map_err(panic_message),
                 None => return AttemptEnd::Superseded,
             }
@@ -374,10 +391,14 @@ async fn record_failure(
     }
 }
 
-async fn hand_back_request(store: &dyn RequestStore, lease: &LeaseRef) -> AttemptEnd {
-    match store.release(lease, "handed back at shutdown").await {
+async fn hand_back_request(
+    store: &dyn RequestStore,
+    lease: &LeaseRef,
+    reason: &'static str,
+) -> AttemptEnd {
+    match store.release(lease, reason).await {
         Ok(WriteOutcome::Applied) => {
-            tracing::info!("handed back as PENDING at shutdown");
+            tracing::info!(reason, "handed back as PENDING");
             AttemptEnd::HandedBack
         }
         Ok(WriteOutcome::Rejected { current }) => {
@@ -423,7 +444,8 @@ where
 }
 
 /// Waits up to `grace` for an executor that was told to stop; one that ignores it is
-/// aborted, and `None` says so.
+/// aborted, and `None` says so. `keep` runs meanwhile: the lease must not lapse while the
+/// executor still runs here, or the request would start again beside it.
 ///
 /// Aborting takes effect at the executor's next await; one that blocks its thread runs on.
 /// Its slot stays taken until it really ends, so the concurrency limit holds; only a
@@ -432,8 +454,14 @@ async fn stop_within_grace<T>(
     task: &mut tokio::task::JoinHandle<T>,
     grace: Duration,
     hand_back: &CancellationToken,
+    keep: impl Future<Output = Infallible>,
 ) -> Option<std::result::Result<T, tokio::task::JoinError>> {
-    if let Ok(joined) = tokio::time::timeout(grace, &mut *task).await {
+    tokio::pin!(keep);
+    let waited = tokio::select! {
+        waited = tokio::time::timeout(grace, &mut *task) => waited,
+        never = &mut keep => match never {},
+    };
+    if let Ok(joined) = waited {
         return Some(joined);
     }
     task.abort();
@@ -443,9 +471,30 @@ async fn stop_within_grace<T>(
         _ = hand_back.cancelled() => {
             tracing::warn!("executor still running at shutdown; left behind");
         }
+        never = &mut keep => match never {},
     }
     None
 }
+
+/// Extends `lease` at every `heartbeat` tick, for as long as it is polled.
+async fn keep_lease(
+    store: &dyn RequestStore,
+    lease: &LeaseRef,
+    heartbeat: &mut tokio::time::Interval,
+    lease_duration: Duration,
+) -> Infallible {
+    loop {
+        heartbeat.tick().await;
+        // A refusal (the request was cancelled or taken back) or a fault changes nothing
+        // here: the executor is being stopped either way.
+        if let Err(err) = store.extend_lease(lease, lease_duration).await {
+            tracing::debug!(error = %err, "heartbeat failed while the executor stops");
+        }
+    }
+}
+
+/// Thirty years: longer than any attempt runs, short enough to add to any `Instant`.
+const NO_LIMIT: Duration = Duration::from_secs(30 * 365 * 86_400);
 
 fn panic_message(err: tokio::task::JoinError) -> String {
     if !err.is_panic() {

@@ -307,26 +307,25 @@ impl ProcessingStrategy for QueueStrategy {
             .store
             .insert(request, inner.config.default_max_attempts())
             .await?;
-        match &outcome {
-            InsertOutcome::Inserted(request) => {
-                metrics::counter!(
-                    "root_orchestrator_requests_submitted_total",
-                    "strategy" => STRATEGY,
-                    "request_type" => request.request_type.to_string(),
-                )
-                .increment(1);
-                inner.send_new(request).await?;
-            }
-            // A repeated submit of a request whose send failed is a good moment to try again.
-            InsertOutcome::Existing(request)
-                if request.status == RequestStatus::Pending
-                    && inner.unsent().contains(&request.id) =>
-            {
-                inner.send_new(request).await?;
-            }
-            InsertOutcome::Existing(_) => {}
-        }
+        inner.deliver(&outcome).await?;
         Ok(outcome)
+    }
+
+    async fn submit_many(&self, requests: Vec<NewRequest>) -> Result<Vec<InsertOutcome>> {
+        let inner = &self.inner;
+        // Every message must fit before any request is stored: the batch is all or none.
+        for request in &requests {
+            inner.check_fits(request)?;
+        }
+
+        let outcomes = inner
+            .store
+            .insert_many(requests, inner.config.default_max_attempts())
+            .await?;
+        for outcome in &outcomes {
+            inner.deliver(outcome).await?;
+        }
+        Ok(outcomes)
     }
 
     async fn status(&self, id: &RequestId) -> Result<Option<Request>> {
@@ -389,6 +388,30 @@ impl Inner {
 
     fn owner(&self, message: &ReceivedMessage) -> String {
         format!("{}{OWNER_SEPARATOR}{}", self.worker_id, message.message_id)
+    }
+
+    /// Sends the message of a request a submit has just stored.
+    async fn deliver(self: &Arc<Self>, outcome: &InsertOutcome) -> Result<()> {
+        match outcome {
+            InsertOutcome::Inserted(request) => {
+                metrics::counter!(
+                    "root_orchestrator_requests_submitted_total",
+                    "strategy" => STRATEGY,
+                    "request_type" => request.request_type.to_string(),
+                )
+                .increment(1);
+                self.send_new(request).await?;
+            }
+            // A repeated submit of a request whose send failed is a good moment to try again.
+            InsertOutcome::Existing(request)
+                if request.status == RequestStatus::Pending
+                    && self.unsent().contains(&request.id) =>
+            {
+                self.send_new(request).await?;
+            }
+            InsertOutcome::Existing(_) => {}
+        }
+        Ok(())
     }
 
     /// Refuses a request whose message the queue would not take, before it is stored.
