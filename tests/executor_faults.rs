@@ -903,19 +903,37 @@ async fn a_grace_period_longer_than_the_lease_keeps_each_attempt_alone(backend: 
     cluster.finish().await;
 }
 
-/// The store is cut off right after a claim, for most of a lease, so the write marking the
-/// request `EXECUTING` cannot be made. The worker stops the executor, which answers with
-/// its cancellation error; that answer is not the request's outcome: once the store is
-/// back, the request runs again and completes.
+/// The store is cut off right after a claim, so the write marking the request `EXECUTING`
+/// cannot be made, and stays cut off until the worker gives up on it and stops the
+/// executor. The executor answers with its cancellation error; that answer is not the
+/// request's outcome: with the store back, the request runs again and completes.
 async fn a_store_lost_as_an_attempt_starts_does_not_fail_the_request(backend: Backend) {
     let cluster = Cluster::new(backend).await;
-    let executor = scripted(|request, ctx| async move {
-        if let Some(outcome) = quick(&request, &ctx).await {
-            return outcome;
-        }
-        tokio::select! {
-            _ = ctx.cancelled() => Err(WorkflowError::cancelled()),
-            _ = tokio::time::sleep(Duration::from_millis(1_500)) => Ok(results_of(ctx.attempt())),
+    let store = Partitioned::new(cluster.store.clone());
+    let stopped = Arc::new(AtomicUsize::new(0));
+    let executor = scripted({
+        let cut_off = store.cut_off.clone();
+        let stopped = stopped.clone();
+        move |request, ctx| {
+            let cut_off = cut_off.clone();
+            let stopped = stopped.clone();
+            async move {
+                if let Some(outcome) = quick(&request, &ctx).await {
+                    return outcome;
+                }
+                tokio::select! {
+                    _ = ctx.cancelled() => {
+                        // The worker gave up on the store: let it answer again, so that
+                        // whatever the worker does next with this answer lands.
+                        stopped.fetch_add(1, Ordering::SeqCst);
+                        cut_off.store(false, Ordering::SeqCst);
+                        Err(WorkflowError::cancelled())
+                    }
+                    _ = tokio::time::sleep(Duration::from_millis(1_500)) => {
+                        Ok(results_of(ctx.attempt()))
+                    }
+                }
+            }
         }
     });
     let timing = Timing {
@@ -923,7 +941,6 @@ async fn a_store_lost_as_an_attempt_starts_does_not_fail_the_request(backend: Ba
         cancel_grace_period: Duration::from_millis(300),
         ..Timing::default()
     };
-    let store = Partitioned::new(cluster.store.clone());
     let queue = PartitionedQueue {
         inner: cluster.queue.clone(),
         cut_off: store.cut_off.clone(),
@@ -932,19 +949,13 @@ async fn a_store_lost_as_an_attempt_starts_does_not_fail_the_request(backend: Ba
 
     store.cut_after_claim.store(true, Ordering::SeqCst);
     let id = workers.submit(request("unlucky")).await;
-    let cut_off = store.cut_off.clone();
-    let healer = tokio::spawn(async move {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !cut_off.load(Ordering::SeqCst) {
-            assert!(Instant::now() < deadline, "the store was never cut off");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(900)).await;
-        cut_off.store(false, Ordering::SeqCst);
-    });
-    healer.await.unwrap();
     let finished = cluster.wait_terminal(&id).await;
 
+    assert_eq!(
+        stopped.load(Ordering::SeqCst),
+        1,
+        "{backend:?}: stopped once"
+    );
     assert_eq!(
         finished.status,
         RequestStatus::Completed,
