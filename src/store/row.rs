@@ -220,26 +220,50 @@ pub(crate) fn unique_runs(writes: &[super::FencedWrite]) -> Vec<&[super::FencedW
     runs
 }
 
-/// Pairs the requests a batch insert stored with the batch as given, in its order: the first
-/// occurrence of an id takes its stored row; a repeat, or an id stored before, finds the
-/// existing request, and one pruned since the insert is stored anew.
+/// The ids of a batch insert to read back after it: those it did not store (stored before),
+/// and those given more than once (a repeat reports the request the batch stored), each
+/// once.
+pub(crate) fn to_read_back<'a>(ids: &'a [RequestId], inserted: &[Request]) -> Vec<&'a str> {
+    use std::collections::HashSet;
+
+    let inserted: HashSet<&str> = inserted.iter().map(|r| r.id.as_str()).collect();
+    let mut seen = HashSet::new();
+    let mut read_back = HashSet::new();
+    for id in ids {
+        let id = id.as_str();
+        if !seen.insert(id) || !inserted.contains(id) {
+            read_back.insert(id);
+        }
+    }
+    read_back.into_iter().collect()
+}
+
+/// Pairs what a batch insert stored, and what it read back ([`to_read_back`]), with the
+/// batch as given, in its order: the first occurrence of an id stored by the batch is
+/// `Inserted`; a repeat, or an id stored before, is `Existing`; one pruned between the
+/// insert and the read is stored anew.
 pub(crate) async fn insert_outcomes(
     store: &dyn super::RequestStore,
     ids: Vec<RequestId>,
     requests: Vec<crate::model::NewRequest>,
-    stored: Vec<Request>,
+    inserted: Vec<Request>,
+    read_back: Vec<Request>,
     max_attempts: u32,
 ) -> Result<Vec<super::InsertOutcome>> {
     use super::InsertOutcome;
+    use std::collections::HashMap;
 
-    let mut stored: std::collections::HashMap<RequestId, Request> =
-        stored.into_iter().map(|r| (r.id.clone(), r)).collect();
+    let by_id = |requests: Vec<Request>| -> HashMap<RequestId, Request> {
+        requests.into_iter().map(|r| (r.id.clone(), r)).collect()
+    };
+    let mut inserted = by_id(inserted);
+    let read_back = by_id(read_back);
     let mut outcomes = Vec::with_capacity(requests.len());
     for (id, new) in ids.into_iter().zip(requests) {
-        outcomes.push(match stored.remove(&id) {
+        outcomes.push(match inserted.remove(&id) {
             Some(request) => InsertOutcome::Inserted(request),
-            None => match store.get(&id).await? {
-                Some(existing) => InsertOutcome::Existing(existing),
+            None => match read_back.get(&id) {
+                Some(existing) => InsertOutcome::Existing(existing.clone()),
                 None => store.insert(new, max_attempts).await?,
             },
         });

@@ -14,7 +14,7 @@ use sqlx::{Acquire, Row, migrate::Migrator};
 
 use super::row::{
     BatchRows, StoredRow, history_entry, insert_outcomes, needs_transaction, only, to_json,
-    unique_runs, unreadable,
+    to_read_back, unique_runs, unreadable,
 };
 use super::{
     CancelOutcome, FencedWrite, InsertOutcome, LeaseRef, ListFilter, RequestPage, RequestStore,
@@ -332,7 +332,27 @@ impl SqliteStore {
             .iter()
             .map(request_from_row)
             .collect::<Result<Vec<_>>>()?;
-        insert_outcomes(self, ids, requests, stored, max_attempts).await
+        let read_back = self
+            .get_many(operation, &to_read_back(&ids, &stored))
+            .await?;
+        insert_outcomes(self, ids, requests, stored, read_back, max_attempts).await
+    }
+
+    /// The requests with these ids, in one query.
+    async fn get_many(&self, operation: &'static str, ids: &[&str]) -> Result<Vec<Request>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM requests WHERE id IN (SELECT value FROM json_each(?))"
+        ))
+        .bind(to_json(&ids))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| Error::store(operation, e))?;
+        rows.iter().map(request_from_row).collect()
     }
 
     /// Applies fenced writes run by run (see `unique_runs`) on the write connection, in a
