@@ -369,8 +369,10 @@ fn wire_shape_json_is_stored_or_refused_naming_the_field() {
     let refused = Cell::new(0usize);
     let case = Cell::new(0usize);
 
+    // A quarter of the cases change nothing: the valid message must be accepted, and both
+    // outcomes are sure to be seen (a mutation seldom leaves a message valid).
     runner(320)
-        .run(&proptest::collection::vec(mutation(), 1..4), |mutations| {
+        .run(&proptest::collection::vec(mutation(), 0..4), |mutations| {
             case.set(case.get() + 1);
             let mut message = valid_message(&format!("wire-{}", case.get()), "analyst-1", "glp1");
             let touched: Vec<String> = mutations
@@ -742,8 +744,9 @@ fn http_submit_answers_202_or_a_problem_naming_the_field() {
     let accepted: RefCell<HashSet<String>> = RefCell::default();
     let (refused, case) = (Cell::new(0u64), Cell::new(0usize));
 
+    // A third of the cases change nothing, as in the wire-shape test.
     runner(64)
-        .run(&proptest::collection::vec(mutation(), 1..3), |mutations| {
+        .run(&proptest::collection::vec(mutation(), 0..3), |mutations| {
             case.set(case.get() + 1);
             // alice may use project glp1 (see the HTTP test tokens).
             let mut message = valid_message(&format!("http-{}", case.get()), "alice", "glp1");
