@@ -576,17 +576,19 @@ fn main() {
         .map(|v| v.parse().expect("THROUGHPUT_SCALE is a whole number"))
         .unwrap_or(1)
         .max(1);
+    let with_postgres = std::env::var_os("DATABASE_URL").is_some();
+    #[cfg(not(feature = "postgres"))]
+    if with_postgres {
+        eprintln!(
+            "DATABASE_URL is set but PostgreSQL support is not built: add --features postgres"
+        );
+        std::process::exit(2);
+    }
+    #[cfg_attr(not(feature = "postgres"), allow(unused_mut))]
     let mut backends = vec![Backend::Sqlite];
-    if std::env::var_os("DATABASE_URL").is_some() {
-        #[cfg(feature = "postgres")]
+    #[cfg(feature = "postgres")]
+    if with_postgres {
         backends.push(Backend::Postgres);
-        #[cfg(not(feature = "postgres"))]
-        {
-            eprintln!(
-                "DATABASE_URL is set but PostgreSQL support is not built: add --features postgres"
-            );
-            std::process::exit(2);
-        }
     }
 
     println!("| store | scenario | measured | target | met |");

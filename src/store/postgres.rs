@@ -578,8 +578,41 @@ where
 #[async_trait]
 impl RequestStore for PostgresStore {
     async fn insert(&self, new: NewRequest, max_attempts: u32) -> Result<InsertOutcome> {
-        let outcomes = self.insert_batch("insert", vec![new], max_attempts).await?;
-        Ok(only(outcomes))
+        // One request has a statement of its own, as cheap as a submit can be; single
+        // submits are the common case.
+        let id = new.request_id.clone().unwrap_or_else(RequestId::generate);
+
+        // ON CONFLICT DO NOTHING makes a repeated caller-given id a no-op, atomically,
+        // even when two submits of the same id race from different processes.
+        let inserted = sqlx::query(concat!(
+            "INSERT INTO requests (id, project_id, user_id, request_type, priority, \
+             configuration, status, history, max_attempts, created_at, run_after) \
+             VALUES ($1, $2, $3, $4, $5, $6::jsonb, 'PENDING', jsonb_build_array($7::jsonb), \
+             $8, now(), COALESCE($9, now())) \
+             ON CONFLICT (id) DO NOTHING RETURNING ",
+            columns!()
+        ))
+        .bind(id.as_str())
+        .bind(&new.project_id)
+        .bind(&new.user_id)
+        .bind(new.request_type.as_str())
+        .bind(new.priority.rank() as i16)
+        .bind(to_json(&new.configuration))
+        .bind(history_entry(RequestStatus::Pending, None, "submitted"))
+        .bind(new.max_attempts.unwrap_or(max_attempts) as i32)
+        .bind(new.run_after)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| Error::store("insert", e))?;
+
+        if let Some(row) = inserted {
+            return Ok(InsertOutcome::Inserted(request_from_row(&row)?));
+        }
+        match self.get(&id).await? {
+            Some(existing) => Ok(InsertOutcome::Existing(existing)),
+            // The conflicting row was pruned between the two statements: store it anew.
+            None => Box::pin(self.insert(new, max_attempts)).await,
+        }
     }
 
     async fn insert_many(
